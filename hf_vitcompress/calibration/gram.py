@@ -1,0 +1,72 @@
+"""Streaming second-moment statistics of linear-layer inputs (the calibration every method shares)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+class NonFiniteActivationError(ValueError):
+    """A layer input contained NaN/inf during calibration (the model or the data is broken)."""
+
+
+@dataclass
+class LayerStatistics:
+    """Sums over every calibration token ``x`` (a row of the layer input) of ``xᵀx`` and ``|x|``, in float64.
+
+    Memory is ``d_in²`` per layer whatever the calibration-set size; sums (not means) so that shards
+    from several processes add up exactly.
+    """
+
+    gram: torch.Tensor
+    abs_sum: torch.Tensor
+    tokens: int = 0
+
+    @classmethod
+    def empty(cls, in_features: int, device: torch.device | None = None) -> LayerStatistics:
+        return cls(
+            gram=torch.zeros(in_features, in_features, dtype=torch.float64, device=device),
+            abs_sum=torch.zeros(in_features, dtype=torch.float64, device=device),
+        )
+
+    def update(self, inputs: torch.Tensor) -> None:
+        rows = inputs.detach().reshape(-1, inputs.shape[-1]).to(torch.float64)
+        if not torch.isfinite(rows).all():
+            raise NonFiniteActivationError("Non-finite values reached a layer input during calibration.")
+        self.gram.addmm_(rows.T, rows)
+        self.abs_sum.add_(rows.abs().sum(0))
+        self.tokens += rows.shape[0]
+
+    def mean_gram(self) -> torch.Tensor:
+        """``E[xᵀx]`` per token."""
+        return self.gram / max(self.tokens, 1)
+
+
+@contextmanager
+def record_linear_inputs(model: nn.Module, names: Iterable[str], statistics: dict[str, LayerStatistics]):
+    """While active, every forward of the named linears adds its input to ``statistics[name]``."""
+    handles = []
+    try:
+        for name in names:
+            module = model.get_submodule(name)
+            if name not in statistics:
+                statistics[name] = LayerStatistics.empty(module.in_features, device=next(module.parameters()).device)
+
+            def hook(_module, args, _name=name):
+                try:
+                    statistics[_name].update(args[0])
+                except NonFiniteActivationError as error:
+                    raise NonFiniteActivationError(
+                        f"Non-finite values reached the input of {_name!r} during calibration: check the model weights "
+                        "and the calibration images (they must be normalized as the model expects)."
+                    ) from error
+
+            handles.append(module.register_forward_pre_hook(hook))
+        yield statistics
+    finally:
+        for handle in handles:
+            handle.remove()

@@ -1,0 +1,112 @@
+"""``compress()``: the one entry point every method goes through."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from torch import nn
+from transformers import PreTrainedModel
+
+from .calibration.data import image_size_of, iter_calibration_batches
+from .configuration import CompressionConfig
+from .families import FamilyAdapter, family_for
+from .layers import LowRankLinear
+from .methods.activation_aware.method import compress_activation_aware, needs_calibration
+from .modeling_utils import CompressedModelMixin, auto_map_for
+
+
+def resolve_targets(
+    model: nn.Module, family: FamilyAdapter, target_modules: list[str] | None
+) -> tuple[list[list[list[str]]], list[str]]:
+    """``(block_groups, extra)``: the block linears to compress, grouped as the family says, and any other named linears.
+
+    Role names (``q_proj``, ``fc1``, ...) select that linear in every block; other entries must name
+    (or be a dotted suffix of) an ``nn.Linear`` of the model.
+    """
+    all_groups = family.block_linear_names(model)
+    if not any(name for block in all_groups for group in block for name in group):
+        raise ValueError(f"{type(model).__name__} has no encoder blocks with attention/MLP linears to compress.")
+    if target_modules is None:
+        return all_groups, []
+    roles = set(family.roles)
+    chosen_roles = {entry for entry in target_modules if entry in roles}
+    block_names = {name for block in all_groups for group in block for name in group}
+    linears = {name for name, module in model.named_modules() if isinstance(module, nn.Linear)}
+    extra: list[str] = []
+    for entry in target_modules:
+        if entry in roles:
+            continue
+        matches = sorted(name for name in linears if name == entry or name.endswith("." + entry))
+        if not matches:
+            raise ValueError(
+                f"target_modules entry {entry!r} matches no nn.Linear of {type(model).__name__}. Use a role name "
+                f"({', '.join(family.roles)}) or the name of a linear module (e.g. 'classifier')."
+            )
+        extra.extend(name for name in matches if name not in extra)
+    block_groups = [
+        [[name for name in group if name.rsplit(".", 1)[-1] in chosen_roles or name in extra] for group in block]
+        for block in all_groups
+    ]
+    return block_groups, [name for name in extra if name not in block_names]
+
+
+def compress(
+    model: PreTrainedModel,
+    config: CompressionConfig,
+    calibration_data: Any = None,
+    *,
+    progress: bool = True,
+) -> PreTrainedModel:
+    """Return a compressed copy of ``model``; ``model`` itself is never modified.
+
+    ``calibration_data``: a DataLoader or any iterable of ``{"pixel_values": tensor}`` batches, a
+    ``datasets.Dataset`` with a ``pixel_values`` column, or a ``[n, C, H, W]`` tensor. At most
+    ``config.calibration_samples`` images are used. The result is an instance of the family's
+    ``Compressed*`` class (a subclass of the input's class): it saves with ``save_pretrained`` and
+    loads back with ``AutoModelForImageClassification.from_pretrained`` after ``import hf_vitcompress``.
+    """
+    if not isinstance(config, CompressionConfig):
+        raise TypeError(f"config must be a CompressionConfig, got {type(config).__name__}.")
+    if isinstance(model, CompressedModelMixin) or any(isinstance(m, LowRankLinear) for m in model.modules()):
+        raise ValueError("This model is already compressed; compress the original dense model instead.")
+    family = family_for(model)
+    compressed_class = family.compressed_class_for(model)
+    block_groups, extra = resolve_targets(model, family, config.target_modules)
+
+    batches = None
+    if needs_calibration(config):
+        parameter = next(model.parameters())
+        batches = iter_calibration_batches(
+            calibration_data,
+            max_samples=config.calibration_samples,
+            num_channels=model.config.num_channels,
+            image_size=image_size_of(model.config),
+            device=parameter.device,
+            dtype=parameter.dtype,
+        )
+
+    was_training = model.training
+    working = copy.deepcopy(model)
+    plan, report = compress_activation_aware(
+        working,
+        model,
+        block_groups,
+        extra,
+        config,
+        batches,
+        (family.blocks(model), family.blocks(working)),
+        progress=progress,
+    )
+    model.train(was_training)
+    working.train(was_training)
+
+    # Become the compressed class in place (so replaced heads, hooks and dtypes survive); the config
+    # object is shared by every submodule of `working`, so it is converted in place too.
+    working.config.__class__ = family.config_class
+    working.config.compression_config = config.to_dict()
+    working.config.compression_plan = plan.to_dict()
+    working.config.auto_map = auto_map_for(family.config_class, family.auto_classes)
+    working.__class__ = compressed_class
+    working.compression_report = report
+    return working

@@ -1,0 +1,26 @@
+"""Model family adapters. One file per family; ``FAMILIES`` is the registry."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .base import FamilyAdapter
+from .deit import DEIT_FAMILY
+from .vit import VIT_FAMILY
+
+FAMILIES: tuple[FamilyAdapter, ...] = (VIT_FAMILY, DEIT_FAMILY)
+
+
+def family_for(model: nn.Module) -> FamilyAdapter:
+    """The adapter for ``model``, or a clear error listing what is supported."""
+    for family in FAMILIES:
+        if family.handles(model):
+            return family
+    names = ", ".join(cls.__name__ for family in FAMILIES for cls in family.compressed_classes)
+    raise TypeError(
+        f"hf_vitcompress has no adapter for {type(model).__name__}. Supported models: {names}. "
+        "Other families (DINOv2, Swin, CLIP-vision) need an adapter in hf_vitcompress/families/."
+    )
+
+
+__all__ = ["FAMILIES", "FamilyAdapter", "family_for"]

@@ -1,0 +1,75 @@
+"""What every model family adapter provides: where the blocks and their linears live."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import nn
+
+
+@dataclass(frozen=True)
+class FamilyAdapter:
+    """Family-specific facts, nothing else. Adding a family is one short file that builds one of these.
+
+    ``linear_groups`` lists a block's linears in the order data flows through them; linears in one
+    group read the same input (q/k/v), so sequential calibration handles them together.
+    """
+
+    name: str
+    base_model_type: str
+    pretrained_class: type
+    backbone_attr: str
+    linear_groups: tuple[tuple[str, ...], ...]
+    compressed_classes: dict[type, type] = field(default_factory=dict)
+    config_class: type | None = None
+    auto_classes: dict[str, type] = field(default_factory=dict)  # Auto factory name -> compressed class
+
+    @property
+    def roles(self) -> tuple[str, ...]:
+        """Short names users may pass in ``target_modules`` (``q_proj``, ``fc1``, ...)."""
+        return tuple(path.rsplit(".", 1)[-1] for group in self.linear_groups for path in group)
+
+    def handles(self, model: nn.Module) -> bool:
+        return isinstance(model, self.pretrained_class)
+
+    def block_list_name(self, model: nn.Module) -> str:
+        """Dotted path of the ``ModuleList`` of encoder blocks inside ``model``."""
+        if hasattr(model, "layers") and isinstance(model.layers, nn.ModuleList):
+            return "layers"
+        backbone = getattr(model, self.backbone_attr, None)
+        if backbone is None or not isinstance(getattr(backbone, "layers", None), nn.ModuleList):
+            raise ValueError(
+                f"Cannot find the encoder blocks of {type(model).__name__} (expected `.{self.backbone_attr}.layers`)."
+            )
+        return f"{self.backbone_attr}.layers"
+
+    def blocks(self, model: nn.Module) -> nn.ModuleList:
+        return model.get_submodule(self.block_list_name(model))
+
+    def block_linear_names(self, model: nn.Module) -> list[list[list[str]]]:
+        """``[block][group][linear]`` full module names, in data-flow order."""
+        prefix = self.block_list_name(model)
+        blocks = self.blocks(model)
+
+        def is_linear(index: int, path: str) -> bool:  # a user may have replaced a linear with something else
+            try:
+                return isinstance(blocks[index].get_submodule(path), nn.Linear)
+            except AttributeError:
+                return False
+
+        return [
+            [[f"{prefix}.{index}.{path}" for path in group if is_linear(index, path)] for group in self.linear_groups]
+            for index in range(len(blocks))
+        ]
+
+    def compressed_class_for(self, model: nn.Module) -> type:
+        cls = type(model)
+        if cls in self.compressed_classes.values():
+            return cls
+        if cls not in self.compressed_classes:
+            supported = ", ".join(sorted(c.__name__ for c in self.compressed_classes))
+            raise TypeError(
+                f"{cls.__name__} is a {self.name} model, but only these classes can be compressed: {supported}. "
+                "Load the checkpoint with one of them (AutoModelForImageClassification or AutoModel)."
+            )
+        return self.compressed_classes[cls]

@@ -1,0 +1,64 @@
+"""DeiT family: ``DeiTModel`` / ``DeiTForImageClassification`` / ``...WithTeacher``.
+
+Same block layout as ViT (``deit.layers.N.attention.{q,k,v,o}_proj``, ``mlp.fc1/fc2``); the
+distilled variant carries a second (distillation) token, which changes nothing here.
+"""
+
+from __future__ import annotations
+
+from huggingface_hub.dataclasses import strict
+from transformers import (
+    DeiTConfig,
+    DeiTForImageClassification,
+    DeiTForImageClassificationWithTeacher,
+    DeiTModel,
+    DeiTPreTrainedModel,
+)
+
+from ..modeling_utils import auto_map_for, make_compressed_model_class, register_family_classes
+from .base import FamilyAdapter
+from .vit import TRANSFORMER_BLOCK_LINEARS
+
+
+@strict
+class CompressedDeiTConfig(DeiTConfig):
+    """``DeiTConfig`` plus the compression config and plan, under its own ``model_type``."""
+
+    model_type = "vitcompress_deit"
+
+    compression_config: dict | None = None
+    compression_plan: dict | None = None
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        if not getattr(self, "auto_map", None):
+            self.auto_map = auto_map_for(CompressedDeiTConfig, _AUTO_CLASSES)
+
+
+CompressedDeiTModel = make_compressed_model_class(DeiTModel, CompressedDeiTConfig, __name__)
+CompressedDeiTForImageClassification = make_compressed_model_class(
+    DeiTForImageClassification, CompressedDeiTConfig, __name__
+)
+CompressedDeiTForImageClassificationWithTeacher = make_compressed_model_class(
+    DeiTForImageClassificationWithTeacher, CompressedDeiTConfig, __name__
+)
+_AUTO_CLASSES = {
+    "AutoModel": CompressedDeiTModel,
+    "AutoModelForImageClassification": CompressedDeiTForImageClassification,
+}
+register_family_classes(CompressedDeiTConfig, _AUTO_CLASSES)
+
+DEIT_FAMILY = FamilyAdapter(
+    name="deit",
+    base_model_type="deit",
+    pretrained_class=DeiTPreTrainedModel,
+    backbone_attr="deit",
+    linear_groups=TRANSFORMER_BLOCK_LINEARS,
+    compressed_classes={
+        DeiTModel: CompressedDeiTModel,
+        DeiTForImageClassification: CompressedDeiTForImageClassification,
+        DeiTForImageClassificationWithTeacher: CompressedDeiTForImageClassificationWithTeacher,
+    },
+    config_class=CompressedDeiTConfig,
+    auto_classes=_AUTO_CLASSES,
+)

@@ -1,0 +1,206 @@
+"""Activation-aware mixed-rank factorization (seed: Azizi, Nazemi, Pedram 2024, arXiv 2402.06004).
+
+Pipeline, each step optional where the config says so:
+
+1. one streaming pass over the calibration set: the input Gram of every target linear (dense model);
+2. per layer, a whitened SVD, which gives the output error of every candidate rank;
+3. one global rank allocation to the whole-model parameter budget (``budget.py``);
+4. installing the factor pairs, either all at once from the dense statistics, or block by block
+   (``sequential=True``: each layer re-calibrated on the compressed model's own activations), with
+   the error-compensation residual trained per layer group (``compensation_rank > 0``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ...budget import ALLOCATORS, DENSE, RankCandidate, make_budget
+from ...calibration.blocks import BlockInputs, capture_block_inputs, capture_module_input
+from ...calibration.gram import LayerStatistics, record_linear_inputs
+from ...configuration import CompressionConfig
+from ...layers import LowRankLinear
+from ...plan import CompressionPlan, LayerPlan, count_parameters, set_submodule
+from .compensation import CompensationResult, train_compensation
+from .factorization import WhitenedSVD, whitened_svd
+
+
+@dataclass
+class CompressionReport:
+    """What happened, for logs and tests (not saved: the plan is what is saved)."""
+
+    solvers: dict[str, str] = field(default_factory=dict)
+    compensation: list[CompensationResult] = field(default_factory=list)
+
+
+def needs_calibration(config: CompressionConfig) -> bool:
+    return config.whitening != "none" or config.sequential or config.compensation_rank > 0
+
+
+def _factorize(
+    model: nn.Module, names: Sequence[str], statistics: dict[str, LayerStatistics] | None, config: CompressionConfig
+) -> dict[str, WhitenedSVD]:
+    return {
+        name: whitened_svd(
+            model.get_submodule(name).weight,
+            statistics.get(name) if statistics else None,
+            whitening=config.whitening,
+            gram_shrinkage=config.gram_shrinkage,
+            damping=config.damping,
+        )
+        for name in names
+    }
+
+
+def _candidate(name: str, module: nn.Linear, svd: WhitenedSVD, normalization: str) -> RankCandidate:
+    spectrum = svd.spectrum
+    kept = torch.cat([spectrum.new_zeros(1), spectrum.cumsum(0)])
+    errors = (kept[-1] - kept).clamp_min(0)  # errors[k] = energy discarded at rank k
+    if normalization == "relative":
+        errors = errors / max(float(kept[-1]), 1e-30)
+    return RankCandidate(name, module.in_features, module.out_features, errors)
+
+
+def _install(model: nn.Module, name: str, svd: WhitenedSVD, rank: int) -> LowRankLinear:
+    dense = model.get_submodule(name)
+    up, down = svd.factors(rank)
+    layer = LowRankLinear.from_factors(
+        up.to(dense.weight.dtype), down.to(dense.weight.dtype), None if dense.bias is None else dense.bias.detach()
+    )
+    layer.to(dense.weight.device)
+    set_submodule(model, name, layer)
+    return layer
+
+
+def compress_activation_aware(
+    model: nn.Module,
+    dense_model: nn.Module,
+    block_groups: list[list[list[str]]],
+    extra_targets: list[str],
+    config: CompressionConfig,
+    batches: Iterator[torch.Tensor] | None,
+    blocks: tuple[nn.ModuleList, nn.ModuleList],
+    progress: bool = True,
+) -> tuple[CompressionPlan, CompressionReport]:
+    """Factorize ``model``'s targets in place (``model`` is a private copy of ``dense_model``).
+
+    ``block_groups[b][g]`` lists the target linears of group ``g`` of block ``b``; ``blocks`` is
+    ``(dense_blocks, working_blocks)``. Returns the plan and a report.
+    """
+    report = CompressionReport()
+    targets = [name for block in block_groups for group in block for name in group] + list(extra_targets)
+    block_wise = config.sequential or config.compensation_rank > 0
+
+    # 1. dense statistics (also keep the first block's inputs when going block by block)
+    statistics: dict[str, LayerStatistics] | None = None
+    first_inputs = BlockInputs()
+    if batches is not None:
+        statistics = {}
+        model.eval()
+        with torch.no_grad(), record_linear_inputs(model, targets, statistics):
+            if block_wise:
+                with capture_block_inputs(blocks[1][0], first_inputs):
+                    for pixels in tqdm(batches, desc="calibration", disable=not progress, unit="batch"):
+                        model(pixel_values=pixels)
+            else:
+                for pixels in tqdm(batches, desc="calibration", disable=not progress, unit="batch"):
+                    model(pixel_values=pixels)
+
+    # 2-3. spectra and one global allocation
+    svds = _factorize(
+        model, tqdm(targets, desc="factorization", disable=not progress, unit="layer"), statistics, config
+    )
+    candidates = [
+        _candidate(name, model.get_submodule(name), svds[name], config.error_normalization) for name in targets
+    ]
+    budget = make_budget(count_parameters(model), candidates, config.target_param_ratio)
+    ranks = ALLOCATORS[config.rank_allocation](candidates, budget.candidate_budget)
+    report.solvers = {name: svd.solver for name, svd in svds.items()}
+
+    # 4. install
+    if not block_wise:
+        for name in targets:
+            if ranks[name] is not DENSE:
+                _install(model, name, svds[name], ranks[name])
+    else:
+        dense_inputs, working_inputs = first_inputs, first_inputs.clone()
+        dense_blocks, working_blocks = blocks
+        for index, groups in enumerate(tqdm(block_groups, desc="blocks", disable=not progress, unit="block")):
+            for group in groups:
+                chosen = [name for name in group if ranks[name] is not DENSE]
+                if not chosen:
+                    continue
+                if config.sequential:
+                    group_statistics: dict[str, LayerStatistics] = {}
+                    with torch.no_grad(), record_linear_inputs(model, chosen[:1], group_statistics):
+                        working_inputs.through(working_blocks[index])
+                    shared = group_statistics[chosen[0]]  # the group's linears read the same input
+                    svds.update(_factorize(model, chosen, dict.fromkeys(chosen, shared), config))
+                dense_weights = {name: dense_model.get_submodule(name).weight.detach() for name in chosen}
+                installed = {name: _install(model, name, svds[name], ranks[name]) for name in chosen}
+                if config.compensation_rank > 0 and config.compensation_epochs > 0:
+                    report.compensation += train_compensation(
+                        {name: (dense_weights[name], installed[name]) for name in chosen},
+                        _input_pairs(
+                            dense_blocks[index],
+                            working_blocks[index],
+                            dense_model.get_submodule(chosen[0]),
+                            model.get_submodule(chosen[0]),
+                            dense_inputs,
+                            working_inputs,
+                            seed=config.seed + index,
+                        ),
+                        residual_rank=config.compensation_rank,
+                        epochs=config.compensation_epochs,
+                        lr=config.compensation_lr,
+                    )
+            dense_inputs = dense_inputs.through(dense_blocks[index])
+            working_inputs = working_inputs.through(working_blocks[index])
+        for name in extra_targets:  # outside the blocks: one-shot from the dense statistics
+            if ranks[name] is not DENSE:
+                _install(model, name, svds[name], ranks[name])
+
+    plan = CompressionPlan(
+        layers={
+            name: LayerPlan("low_rank", module.in_features, module.out_features, module.bias is not None, module.rank)
+            for name in targets
+            if isinstance(module := model.get_submodule(name), LowRankLinear)
+        },
+        dense_parameters=budget.dense_parameters,
+        parameters=count_parameters(model),
+    )
+    return plan, report
+
+
+def _input_pairs(
+    dense_block: nn.Module,
+    working_block: nn.Module,
+    dense_linear: nn.Module,
+    working_linear: nn.Module,
+    dense_inputs: BlockInputs,
+    working_inputs: BlockInputs,
+    seed: int,
+):
+    """A re-iterable source of ``(dense input, compressed input)`` rows of one linear, batch by batch."""
+    generator = torch.Generator().manual_seed(seed)
+    epoch = [0]
+
+    def pairs() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        order = (
+            torch.randperm(len(dense_inputs), generator=generator).tolist() if epoch[0] else range(len(dense_inputs))
+        )
+        epoch[0] += 1
+        for i in order:
+            with torch.no_grad():
+                with capture_module_input(dense_linear) as dense_seen:
+                    dense_block(dense_inputs.hidden[i], *dense_inputs.args[i], **dense_inputs.kwargs[i])
+                with capture_module_input(working_linear) as working_seen:
+                    working_block(working_inputs.hidden[i], *working_inputs.args[i], **working_inputs.kwargs[i])
+            width = dense_seen[0].shape[-1]
+            yield dense_seen[0].reshape(-1, width), working_seen[0].reshape(-1, width)
+
+    return pairs

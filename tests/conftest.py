@@ -1,0 +1,62 @@
+"""Test environment: offline, deterministic, Triton in interpreter mode (no GPU in CI)."""
+
+import os
+import tempfile
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # read when kernels are decorated: set before any import
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+os.environ.setdefault("HF_HOME", tempfile.mkdtemp(prefix="hf_home_"))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from transformers import (  # noqa: E402
+    DeiTConfig,
+    DeiTForImageClassification,
+    ViTConfig,
+    ViTForImageClassification,
+    ViTModel,
+)
+from transformers.utils import logging as hf_logging  # noqa: E402
+
+hf_logging.set_verbosity_error()
+hf_logging.disable_progress_bar()
+torch.set_num_threads(2)
+
+TINY = dict(
+    image_size=16,
+    patch_size=4,
+    num_channels=3,
+    hidden_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=96,
+)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def tiny_vit(num_labels: int = 5, **overrides) -> ViTForImageClassification:
+    torch.manual_seed(0)
+    return ViTForImageClassification(ViTConfig(**{**TINY, **overrides}, num_labels=num_labels)).eval()
+
+
+def tiny_vit_model(**overrides) -> ViTModel:
+    torch.manual_seed(0)
+    return ViTModel(ViTConfig(**{**TINY, **overrides})).eval()
+
+
+def tiny_deit(num_labels: int = 5) -> DeiTForImageClassification:
+    torch.manual_seed(0)
+    return DeiTForImageClassification(DeiTConfig(**TINY, num_labels=num_labels)).eval()
+
+
+@pytest.fixture
+def pixels() -> torch.Tensor:
+    return torch.randn(48, 3, 16, 16, generator=torch.Generator().manual_seed(1))
