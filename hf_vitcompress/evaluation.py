@@ -156,7 +156,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
             cells.append(f"{100 * row['top1']:.2f}%" if "top1" in row else "-")
         lines.append(cells)
     widths = [max(len(str(x)) for x in column) for column in zip(header, *lines)]
-    render = lambda cells: "  ".join(
-        str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(cells, widths))
-    )  # noqa: E731
+
+    def render(cells: list[str]) -> str:
+        return "  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
     return "\n".join([render(header), render(["-" * w for w in widths])] + [render(cells) for cells in lines])

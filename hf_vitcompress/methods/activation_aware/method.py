@@ -37,6 +37,14 @@ class CompressionReport:
     compensation: list[CompensationResult] = field(default_factory=list)
 
 
+def _forward(model: nn.Module, batch: torch.Tensor | dict) -> None:
+    """Vision models get ``pixel_values``; a dict batch is passed as keyword arguments (any encoder)."""
+    if isinstance(batch, dict):
+        model(**batch)
+    else:
+        model(pixel_values=batch)
+
+
 def needs_calibration(config: CompressionConfig) -> bool:
     return config.whitening != "none" or config.sequential or config.compensation_rank > 0
 
@@ -82,14 +90,16 @@ def compress_activation_aware(
     block_groups: list[list[list[str]]],
     extra_targets: list[str],
     config: CompressionConfig,
-    batches: Iterator[torch.Tensor] | None,
+    batches: Iterator[torch.Tensor | dict] | None,
     blocks: tuple[nn.ModuleList, nn.ModuleList],
     progress: bool = True,
 ) -> tuple[CompressionPlan, CompressionReport]:
     """Factorize ``model``'s targets in place (``model`` is a private copy of ``dense_model``).
 
     ``block_groups[b][g]`` lists the target linears of group ``g`` of block ``b``; ``blocks`` is
-    ``(dense_blocks, working_blocks)``. Returns the plan and a report.
+    ``(dense_blocks, working_blocks)``; ``batches`` yields ``pixel_values`` tensors (or dicts of
+    forward keyword arguments). Nothing here is vision-specific: :func:`hf_vitcompress.compress`
+    supplies the family's layout. Returns the plan and a report.
     """
     report = CompressionReport()
     targets = [name for block in block_groups for group in block for name in group] + list(extra_targets)
@@ -104,11 +114,11 @@ def compress_activation_aware(
         with torch.no_grad(), record_linear_inputs(model, targets, statistics):
             if block_wise:
                 with capture_block_inputs(blocks[1][0], first_inputs):
-                    for pixels in tqdm(batches, desc="calibration", disable=not progress, unit="batch"):
-                        model(pixel_values=pixels)
+                    for batch in tqdm(batches, desc="calibration", disable=not progress, unit="batch"):
+                        _forward(model, batch)
             else:
-                for pixels in tqdm(batches, desc="calibration", disable=not progress, unit="batch"):
-                    model(pixel_values=pixels)
+                for batch in tqdm(batches, desc="calibration", disable=not progress, unit="batch"):
+                    _forward(model, batch)
 
     # 2-3. spectra and one global allocation
     svds = _factorize(
