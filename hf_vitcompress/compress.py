@@ -87,18 +87,21 @@ def compress(
         )
 
     was_training = model.training
-    working = copy.deepcopy(model)
-    plan, report = compress_activation_aware(
-        working,
-        model,
-        block_groups,
-        extra,
-        config,
-        batches,
-        (family.blocks(model), family.blocks(working)),
-        progress=progress,
-    )
-    model.train(was_training)
+    model.eval()  # the dense model is the reference: no dropout while it is measured
+    try:
+        working = copy.deepcopy(model)
+        plan, report = compress_activation_aware(
+            working,
+            model,
+            block_groups,
+            extra,
+            config,
+            batches,
+            (family.blocks(model), family.blocks(working)),
+            progress=progress,
+        )
+    finally:
+        model.train(was_training)
     working.train(was_training)
 
     # Become the compressed class in place (so replaced heads, hooks and dtypes survive); the config

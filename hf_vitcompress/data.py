@@ -97,7 +97,7 @@ def load_fashion_mnist(split: str, root: str | os.PathLike | None = None) -> tup
 
 def to_pixel_values(images: np.ndarray) -> torch.Tensor:
     """uint8 ``[n, 28, 28]`` → normalized float ``[n, 1, 28, 28]`` as the shipped processor would."""
-    pixels = torch.from_numpy(np.ascontiguousarray(images)).float().div_(255.0)
+    pixels = torch.tensor(images, dtype=torch.float32).div_(255.0)  # a copy: the source may be read-only
     return ((pixels - FASHION_MNIST_MEAN) / FASHION_MNIST_STD).unsqueeze(1)
 
 

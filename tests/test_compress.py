@@ -227,3 +227,12 @@ def test_trainer_trains_a_compressed_model(tmp_path, pixels):
 def test_public_api_is_exported():
     for name in hf_vitcompress.__all__:
         assert hasattr(hf_vitcompress, name)
+
+
+def test_model_in_training_mode_is_calibrated_without_dropout(pixels):
+    config = CompressionConfig(target_param_ratio=0.5, sequential=True, compensation_rank=2, compensation_epochs=1)
+    in_training = tiny_vit(hidden_dropout_prob=0.5).train()
+    small = compress(in_training, config, pixels, progress=False)
+    assert in_training.training and small.training  # modes restored / inherited
+    reference = compress(tiny_vit(hidden_dropout_prob=0.5).eval(), config, pixels, progress=False)
+    assert _same_state(small, _state(reference))
