@@ -34,6 +34,20 @@ from hf_vitcompress import {names}  # noqa: F401
 '''
 
 
+class CompressedConfigMixin:
+    """Mixed into a family's config class: a new compressed config points ``auto_map`` at the loader shim.
+
+    ``_auto_classes`` is filled by :func:`register_family_classes` once the model classes exist.
+    """
+
+    _auto_classes: dict[str, type] = {}
+
+    def __post_init__(self, **kwargs: Any) -> None:
+        super().__post_init__(**kwargs)
+        if not getattr(self, "auto_map", None) and self._auto_classes:
+            self.auto_map = auto_map_for(type(self), self._auto_classes)
+
+
 class CompressedModelMixin:
     """Mixed into a transformers model class: the architecture follows ``config.compression_plan``."""
 
@@ -110,6 +124,7 @@ def write_loader_shim(save_directory: str | os.PathLike, config: Any) -> None:
 
 def register_family_classes(config_class: type, model_classes: dict[str, type]) -> None:
     """Register the compressed classes with the Auto factories (once, at import)."""
+    config_class._auto_classes = dict(model_classes)
     AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
     autos = {"AutoModel": AutoModel, "AutoModelForImageClassification": AutoModelForImageClassification}
     for auto_name, model_class in model_classes.items():
@@ -117,6 +132,7 @@ def register_family_classes(config_class: type, model_classes: dict[str, type]) 
 
 
 __all__ = [
+    "CompressedConfigMixin",
     "CompressedModelMixin",
     "LOADER_SHIM_NAME",
     "PlanMismatchError",

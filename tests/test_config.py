@@ -51,3 +51,12 @@ def test_unknown_field_is_named():
 def test_invalid_options(kwargs, field):
     with pytest.raises(ValueError, match=field):
         CompressionConfig(**kwargs)
+
+
+def test_compressed_configs_point_auto_map_at_the_loader_shim():
+    from hf_vitcompress import CompressedDeiTConfig, CompressedViTConfig
+
+    for config_class in (CompressedViTConfig, CompressedDeiTConfig):
+        auto_map = config_class().auto_map
+        assert set(auto_map) == {"AutoConfig", "AutoModel", "AutoModelForImageClassification"}
+        assert all(entry.startswith("vitcompress_loader.Compressed") for entry in auto_map.values())

@@ -15,24 +15,19 @@ from transformers import (
     DeiTPreTrainedModel,
 )
 
-from ..modeling_utils import auto_map_for, make_compressed_model_class, register_family_classes
+from ..modeling_utils import CompressedConfigMixin, make_compressed_model_class, register_family_classes
 from .base import FamilyAdapter
 from .vit import TRANSFORMER_BLOCK_LINEARS
 
 
 @strict
-class CompressedDeiTConfig(DeiTConfig):
+class CompressedDeiTConfig(CompressedConfigMixin, DeiTConfig):
     """``DeiTConfig`` plus the compression config and plan, under its own ``model_type``."""
 
     model_type = "vitcompress_deit"
 
     compression_config: dict | None = None
     compression_plan: dict | None = None
-
-    def __post_init__(self, **kwargs):
-        super().__post_init__(**kwargs)
-        if not getattr(self, "auto_map", None):
-            self.auto_map = auto_map_for(CompressedDeiTConfig, _AUTO_CLASSES)
 
 
 CompressedDeiTModel = make_compressed_model_class(DeiTModel, CompressedDeiTConfig, __name__)

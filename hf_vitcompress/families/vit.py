@@ -9,7 +9,7 @@ from __future__ import annotations
 from huggingface_hub.dataclasses import strict
 from transformers import ViTConfig, ViTForImageClassification, ViTModel, ViTPreTrainedModel
 
-from ..modeling_utils import auto_map_for, make_compressed_model_class, register_family_classes
+from ..modeling_utils import CompressedConfigMixin, make_compressed_model_class, register_family_classes
 from .base import FamilyAdapter
 
 TRANSFORMER_BLOCK_LINEARS = (
@@ -21,7 +21,7 @@ TRANSFORMER_BLOCK_LINEARS = (
 
 
 @strict
-class CompressedViTConfig(ViTConfig):
+class CompressedViTConfig(CompressedConfigMixin, ViTConfig):
     """``ViTConfig`` plus what compression asked for and decided; its own ``model_type`` so that a
     transformers without the plugin refuses the checkpoint instead of building a dense ViT."""
 
@@ -29,11 +29,6 @@ class CompressedViTConfig(ViTConfig):
 
     compression_config: dict | None = None
     compression_plan: dict | None = None
-
-    def __post_init__(self, **kwargs):
-        super().__post_init__(**kwargs)
-        if not getattr(self, "auto_map", None):
-            self.auto_map = auto_map_for(CompressedViTConfig, _AUTO_CLASSES)
 
 
 CompressedViTModel = make_compressed_model_class(ViTModel, CompressedViTConfig, __name__)
