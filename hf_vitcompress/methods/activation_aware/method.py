@@ -150,11 +150,10 @@ def compress_activation_aware(
                         working_inputs.through(working_blocks[index])
                     shared = group_statistics[chosen[0]]  # the group's linears read the same input
                     svds.update(_factorize(model, chosen, dict.fromkeys(chosen, shared), config))
-                dense_weights = {name: dense_model.get_submodule(name).weight.detach() for name in chosen}
                 installed = {name: _install(model, name, svds[name], ranks[name]) for name in chosen}
                 if config.compensation_rank > 0 and config.compensation_epochs > 0:
                     report.compensation += train_compensation(
-                        {name: (dense_weights[name], installed[name]) for name in chosen},
+                        {name: (dense_model.get_submodule(name).weight.detach(), installed[name]) for name in chosen},
                         _input_pairs(
                             dense_blocks[index],
                             working_blocks[index],
