@@ -73,8 +73,11 @@ class CompressionConfig:
         },
     )
     compensation_rank: int = field(
-        default=0,
-        metadata={"help": "Rank of the trained error-compensation residual per layer (0 disables the stage)."},
+        default=8,
+        metadata={
+            "help": "Rank of the trained error-compensation residual per layer, part of the layer's rank (0 disables "
+            "the stage; it then keeps only Gram matrices in memory instead of one block's activations)."
+        },
     )
     compensation_epochs: int = field(default=4, metadata={"help": "Passes over the calibration set per layer group."})
     compensation_lr: float = field(default=1e-3, metadata={"help": "Adam learning rate of the compensation residual."})

@@ -33,7 +33,8 @@ def _pixel_values_of(item: Any) -> torch.Tensor:
 def _raw_batches(data: Any, batch_size: int) -> Iterator[Any]:
     if data is None:
         raise CalibrationDataError(
-            "No calibration data was given: activation-aware compression needs a few hundred images."
+            "No calibration data was given: activation-aware compression needs a few hundred images "
+            "(only whitening='none' with compensation_rank=0, i.e. plain weight SVD, runs without data)."
         )
     if isinstance(data, torch.Tensor):
         yield from data.split(batch_size)
