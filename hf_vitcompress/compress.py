@@ -13,7 +13,7 @@ from .configuration import CompressionConfig
 from .families import FamilyAdapter, family_for
 from .layers import LowRankLinear
 from .methods.activation_aware.method import compress_activation_aware, needs_calibration
-from .modeling_utils import CompressedModelMixin, auto_map_for
+from .modeling_utils import CompressedModelMixin
 
 
 def resolve_targets(
@@ -109,7 +109,7 @@ def compress(
     working.config.__class__ = family.config_class
     working.config.compression_config = config.to_dict()
     working.config.compression_plan = plan.to_dict()
-    working.config.auto_map = auto_map_for(family.config_class, family.auto_classes)
+    working.config.auto_map = family.config_class.default_auto_map()
     working.__class__ = compressed_class
     working.compression_report = report
     return working

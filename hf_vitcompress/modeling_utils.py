@@ -42,10 +42,14 @@ class CompressedConfigMixin:
 
     _auto_classes: dict[str, type] = {}
 
+    @classmethod
+    def default_auto_map(cls) -> dict[str, str]:
+        return auto_map_for(cls, cls._auto_classes) if cls._auto_classes else {}
+
     def __post_init__(self, **kwargs: Any) -> None:
         super().__post_init__(**kwargs)
-        if not getattr(self, "auto_map", None) and self._auto_classes:
-            self.auto_map = auto_map_for(type(self), self._auto_classes)
+        if not getattr(self, "auto_map", None):
+            self.auto_map = self.default_auto_map() or None
 
 
 class CompressedModelMixin:

@@ -22,7 +22,6 @@ class FamilyAdapter:
     linear_groups: tuple[tuple[str, ...], ...]
     compressed_classes: dict[type, type] = field(default_factory=dict)
     config_class: type | None = None
-    auto_classes: dict[str, type] = field(default_factory=dict)  # Auto factory name -> compressed class
 
     @property
     def roles(self) -> tuple[str, ...]:

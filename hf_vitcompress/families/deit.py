@@ -55,5 +55,4 @@ DEIT_FAMILY = FamilyAdapter(
         DeiTForImageClassificationWithTeacher: CompressedDeiTForImageClassificationWithTeacher,
     },
     config_class=CompressedDeiTConfig,
-    auto_classes=_AUTO_CLASSES,
 )

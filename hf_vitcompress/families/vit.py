@@ -49,5 +49,4 @@ VIT_FAMILY = FamilyAdapter(
     linear_groups=TRANSFORMER_BLOCK_LINEARS,
     compressed_classes={ViTModel: CompressedViTModel, ViTForImageClassification: CompressedViTForImageClassification},
     config_class=CompressedViTConfig,
-    auto_classes=_AUTO_CLASSES,
 )
