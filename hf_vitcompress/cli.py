@@ -98,8 +98,6 @@ def load_batches(
 def load_model(path_or_id: str):
     from transformers import AutoModelForImageClassification
 
-    from . import families  # noqa: F401  (registers the compressed classes)
-
     return AutoModelForImageClassification.from_pretrained(path_or_id).eval()
 
 

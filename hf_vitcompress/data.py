@@ -110,16 +110,3 @@ def iterate_batches(
         if labels is not None:
             batch["labels"] = torch.from_numpy(labels[start : start + batch_size])
         yield batch
-
-
-class ImageBatches:
-    """A re-iterable wrapper around :func:`iterate_batches` (calibration may pass over data more than once)."""
-
-    def __init__(self, images: np.ndarray, labels: np.ndarray | None = None, batch_size: int = 256) -> None:
-        self.images, self.labels, self.batch_size = images, labels, batch_size
-
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        return iterate_batches(self.images, self.labels, self.batch_size)
-
-    def __len__(self) -> int:
-        return (len(self.images) + self.batch_size - 1) // self.batch_size

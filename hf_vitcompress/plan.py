@@ -111,8 +111,6 @@ def apply_plan_structure(model: nn.Module, plan: CompressionPlan) -> None:
             current = model.get_submodule(name)
         except AttributeError as error:
             raise PlanMismatchError(f"The compression plan names {name!r}, which this model does not have.") from error
-        if isinstance(current, LowRankLinear) and current.rank == layer.rank:
-            continue
         if not isinstance(current, nn.Linear):
             raise PlanMismatchError(
                 f"The compression plan names {name!r}, a {type(current).__name__}, not an nn.Linear."
