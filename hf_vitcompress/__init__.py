@@ -9,6 +9,7 @@ from .calibration.data import CalibrationDataError
 from .calibration.gram import LayerStatistics, NonFiniteActivationError
 from .compress import compress
 from .configuration import CompressionConfig
+from .evaluation import EvaluationReport, evaluate_model
 from .families.deit import (
     CompressedDeiTConfig,
     CompressedDeiTForImageClassification,
@@ -21,8 +22,45 @@ from .plan import CompressionPlan, LayerPlan, PlanMismatchError, count_parameter
 
 __version__ = "0.1.0"
 
+# Importing transformers' Trainer costs seconds: the training and Hub parts load on first use.
+_LAZY = {
+    "CompressionCallback": ".training",
+    "CompressionController": ".training",
+    "DistillationArguments": ".training",
+    "DistillationTrainer": ".training",
+    "FixedMasks": ".training",
+    "Schedule": ".training",
+    "HubTokenError": ".hub",
+    "ModelCardTemplateError": ".hub",
+    "build_model_card": ".hub",
+    "push_model_to_hub": ".hub",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "BudgetError",
+    "CompressionCallback",
+    "CompressionController",
+    "DistillationArguments",
+    "DistillationTrainer",
+    "EvaluationReport",
+    "FixedMasks",
+    "HubTokenError",
+    "ModelCardTemplateError",
+    "Schedule",
+    "build_model_card",
+    "evaluate_model",
+    "push_model_to_hub",
     "CalibrationDataError",
     "CompressedDeiTConfig",
     "CompressedDeiTForImageClassification",

@@ -2,7 +2,10 @@
 
     hf-vitcompress demo                                   # shipped ViT + Fashion-MNIST, before/after table
     hf-vitcompress compress --model PATH_OR_ID --target-param-ratio 0.5 --calibration DATA --output out/
-    hf-vitcompress evaluate --model out/ --data DATA [--baseline PATH_OR_ID] [--json report.json]
+    hf-vitcompress evaluate --model out/ --data DATA [--baseline PATH_OR_ID] [--json report.json] [--record]
+    hf-vitcompress finetune --model out/ --output out-ft/ [--teacher PATH_OR_ID] [--max-steps 300] [--kind soft]
+    hf-vitcompress card --model out-ft/                   # writes out-ft/README.md (measured numbers only)
+    hf-vitcompress push --model out-ft/ --repo-id user/name
 
 DATA is ``default`` (the Fashion-MNIST data shipped with the package, or the full set when
 ``dataset-fashion-mnist`` is installed), a folder saved with ``datasets.save_to_disk``, a folder of
@@ -24,21 +27,31 @@ from typing import Any
 import torch
 
 from .configuration import CompressionConfig
-
-DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "default" / "model"
+from .data import DEFAULT_MODEL_DIR
 
 
 # -- data -------------------------------------------------------------------------------------------
-def load_batches(
-    spec: str, model_path: str, split: str, limit: int | None, batch_size: int = 64
-) -> list[dict[str, torch.Tensor]]:
-    """Materialize ``{"pixel_values", "labels"}`` batches from a DATA spec (see the module docstring)."""
-    from .data import iterate_batches, load_fashion_mnist
+def load_examples(
+    spec: str, model_path: str, split: str, limit: int | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(pixel_values [n, C, H, W], labels [n] or None)`` from a DATA spec (see the module docstring).
+
+    ``split`` is ``calibration``, ``train`` or ``test``. For ``default``, ``train`` is the full
+    Fashion-MNIST training set when installed, else the 1,024 shipped training images.
+    """
+    from .data import load_fashion_mnist, to_pixel_values
 
     if spec in ("default", "fashion-mnist"):
-        images, labels = load_fashion_mnist("calibration" if split == "calibration" else "test")
+        if split == "train":
+            try:
+                images, labels = load_fashion_mnist("train")
+            except FileNotFoundError:
+                print("note: full Fashion-MNIST not installed; training on the 1,024 shipped images", file=sys.stderr)
+                images, labels = load_fashion_mnist("calibration")
+        else:
+            images, labels = load_fashion_mnist("calibration" if split == "calibration" else "test")
         images, labels = images[:limit], labels[:limit]
-        return list(iterate_batches(images, labels, batch_size))
+        return to_pixel_values(images), torch.from_numpy(labels)
     path = Path(spec)
     if not path.exists():
         raise SystemExit(
@@ -46,22 +59,15 @@ def load_batches(
         )
     if path.suffix == ".pt":
         data = torch.load(path, weights_only=True)
-        pixels, labels = data["pixel_values"][:limit], data.get("labels")
-        labels = labels[:limit] if labels is not None else None
-        return [
-            {
-                "pixel_values": pixels[i : i + batch_size],
-                **({"labels": labels[i : i + batch_size]} if labels is not None else {}),
-            }
-            for i in range(0, len(pixels), batch_size)
-        ]
+        labels = data.get("labels")
+        return data["pixel_values"][:limit].float(), labels[:limit] if labels is not None else None
     import datasets
 
     if (path / "dataset_info.json").exists() or (path / "state.json").exists() or (path / "dataset_dict.json").exists():
         dataset = datasets.load_from_disk(str(path))
         if isinstance(dataset, datasets.DatasetDict):
-            key = "train" if split == "calibration" and "train" in dataset else next(iter(dataset))
-            dataset = dataset["test"] if split != "calibration" and "test" in dataset else dataset[key]
+            wanted = "test" if split == "test" else "train"
+            dataset = dataset[wanted] if wanted in dataset else dataset[next(iter(dataset))]
     else:
         dataset = datasets.load_dataset("imagefolder", data_dir=str(path), split="train")
     if limit is not None:
@@ -85,14 +91,22 @@ def load_batches(
             batched=True,
             remove_columns=[image_column],
         )
-    dataset = dataset.with_format("torch")
-    batches = []
-    for batch in dataset.iter(batch_size=batch_size):
-        item = {"pixel_values": batch["pixel_values"].float()}
-        if label_column is not None:
-            item["labels"] = batch[label_column]
-        batches.append(item)
-    return batches
+    columns = dataset.with_format("torch")[:]
+    return columns["pixel_values"].float(), columns[label_column] if label_column is not None else None
+
+
+def load_batches(
+    spec: str, model_path: str, split: str, limit: int | None, batch_size: int = 64
+) -> list[dict[str, torch.Tensor]]:
+    """``{"pixel_values", "labels"}`` batches of a DATA spec (what ``compress`` and ``evaluate`` take)."""
+    pixels, labels = load_examples(spec, model_path, split, limit)
+    return [
+        {
+            "pixel_values": pixels[i : i + batch_size],
+            **({"labels": labels[i : i + batch_size]} if labels is not None else {}),
+        }
+        for i in range(0, len(pixels), batch_size)
+    ]
 
 
 def load_model(path_or_id: str):
@@ -117,22 +131,11 @@ def cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
     model = load_model(model_path)
     calibration = load_batches(args.calibration, model_path, "calibration", config.calibration_samples)
     compressed = compress(model, config, calibration_data=calibration, progress=not args.quiet)
-    compressed.config.compression_config["base_model"] = model_path  # provenance for evaluate / cards
-    output = Path(args.output)
-    # Write to a temporary sibling, then move into place: a failed save never leaves a half-written folder.
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}-", dir=output.parent))
-    try:
-        compressed.save_pretrained(staging)
-        for name in ("preprocessor_config.json",):
-            if (Path(model_path) / name).exists():
-                shutil.copy(Path(model_path) / name, staging / name)
-        if output.exists():
-            shutil.rmtree(output)
-        staging.rename(output)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
+    source = describe_data(args.calibration, "calibration", 0)["dataset"]
+    if args.calibration in ("default", "fashion-mnist"):
+        source = "Fashion-MNIST training images shipped with hf_vitcompress"
+    compressed.config.compression_provenance["calibration_data"] = source
+    output = save_atomically(compressed, args.output, (Path(model_path) / "preprocessor_config.json",))
     plan = compressed.compression_plan
     summary = {
         "output": str(output),
@@ -145,35 +148,196 @@ def cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
     return summary
 
 
+def describe_data(spec: str, split: str, count: int) -> dict[str, str | None]:
+    """How a DATA spec is named on model cards: display name, Hub dataset id (when known) and split."""
+    if spec in ("default", "fashion-mnist"):
+        from .data import find_fashion_mnist
+
+        full = find_fashion_mnist() is not None or split == "train"
+        name = "Fashion-MNIST" if full else "Fashion-MNIST (the 2,000-image test subset shipped with hf_vitcompress)"
+        return {"dataset": name, "dataset_id": "zalando-datasets/fashion_mnist", "dataset_split": split}
+    return {"dataset": Path(spec).name, "dataset_id": None, "dataset_split": split}
+
+
+def save_atomically(model, output: str | Path, extra_files: tuple[Path, ...] = ()) -> Path:
+    """``save_pretrained`` into a staging sibling, then move into place: a failure leaves nothing half-written."""
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}-", dir=output.parent))
+    try:
+        model.save_pretrained(staging)
+        for extra in extra_files:
+            if extra.exists():
+                shutil.copy(extra, staging / extra.name)
+        if output.exists():
+            shutil.rmtree(output)
+        staging.rename(output)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+    return output
+
+
+def measure_against_reference(
+    args: argparse.Namespace, model, model_path: str, reference=None, source: str = "hf-vitcompress evaluate"
+):
+    """Evaluate ``model`` on the DATA test split next to its dense reference; returns ``(rows, report)``."""
+    from .evaluation import dense_equivalent, evaluate_model
+
+    batches = load_batches(args.data, model_path, "test", args.limit)
+    compressed = bool(getattr(model.config, "compression_plan", None))
+    reference_name = "dense"
+    if reference is None:
+        base = args.baseline or (getattr(model.config, "compression_provenance", None) or {}).get("base_model")
+        if base and (Path(base).exists() or args.baseline):
+            reference = load_model(base)
+        elif compressed:
+            reference, reference_name = dense_equivalent(model), "dense (merged factors)"
+    labelled = all("labels" in batch for batch in batches)
+    return evaluate_model(
+        model,
+        batches if labelled else None,
+        batches[0]["pixel_values"][: args.latency_batch_size],
+        reference=reference,
+        reference_name=reference_name,
+        name="compressed" if compressed else "model",
+        repeats=args.repeats,
+        source=source,
+        **describe_data(args.data, "test", sum(len(b["pixel_values"]) for b in batches)),
+    )
+
+
 def cmd_evaluate(args: argparse.Namespace) -> list[dict[str, Any]]:
-    from .evaluation import compare_models, dense_equivalent, format_table
+    from .evaluation import format_table
 
     model = load_model(args.model)
-    batches = load_batches(args.data, args.model, "test", args.limit)
-    models = {}
-    base = args.baseline or (getattr(model.config, "compression_config", None) or {}).get("base_model")
-    if base and (Path(base).exists() or args.baseline):
-        models["dense"] = load_model(base)
-    elif getattr(model.config, "compression_plan", None):
-        models["dense (merged factors)"] = dense_equivalent(model)
-    models["compressed" if models else "model"] = model
-    labelled = all("labels" in batch for batch in batches)
-    rows = compare_models(
-        models,
-        batches[0]["pixel_values"][: args.latency_batch_size],
-        eval_batches=batches if labelled else None,
-        repeats=args.repeats,
+    rows, report = measure_against_reference(args, model, args.model)
+    print(format_table(rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+    if args.record:
+        if not getattr(model.config, "compression_plan", None):
+            raise ValueError("--record keeps the report with a compressed model for its card; this model is not one.")
+        print(f"recorded in {report.save(args.model)} (the model card will show these numbers)")
+    return rows
+
+
+def cmd_finetune(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Recover accuracy with distillation from the dense model, then measure on the test split and save."""
+    from . import metrics
+    from .data import ExampleDataset
+    from .evaluation import format_table
+    from .training import CompressionCallback, DistillationArguments, DistillationTrainer
+
+    student = load_model(args.model)
+    teacher_path = args.teacher or (getattr(student.config, "compression_provenance", None) or {}).get("base_model")
+    teacher = None
+    if args.alpha > 0:
+        if not teacher_path or not (Path(teacher_path).exists() or args.teacher):
+            raise ValueError(
+                "No teacher: the checkpoint does not record a dense model that exists here. Pass --teacher PATH_OR_ID, "
+                "or --alpha 0 to fine-tune on labels only."
+            )
+        teacher = load_model(teacher_path)
+    pixels, labels = load_examples(args.data, args.model, "train", args.train_limit)
+    if labels is None and args.alpha < 1:
+        raise ValueError(f"{args.data} has no labels: use --alpha 1 to learn from the teacher alone.")
+    order = torch.randperm(len(pixels), generator=torch.Generator().manual_seed(args.seed))
+    held_out = min(args.validation_size, len(pixels) // 10)
+    validation, train = order[:held_out], order[held_out:]
+
+    def subset(index: torch.Tensor) -> ExampleDataset:
+        return ExampleDataset(pixels[index], labels[index] if labels is not None else None)
+
+    output = Path(args.output)
+    checkpoints = output.with_name(output.name + "-checkpoints")
+    training_args = DistillationArguments(
+        output_dir=str(checkpoints),
+        alpha=args.alpha,
+        temperature=args.temperature,
+        kind=args.kind,
+        feature_layers=args.feature_layers,
+        feature_weight=args.feature_weight,
+        max_steps=args.max_steps,
+        per_device_train_batch_size=args.batch_size,
+        per_device_eval_batch_size=256,
+        learning_rate=args.learning_rate,
+        weight_decay=args.weight_decay,
+        warmup_steps=args.warmup_steps,
+        lr_scheduler_type="cosine",
+        eval_strategy="steps" if held_out and labels is not None else "no",
+        eval_steps=args.save_steps,
+        save_strategy="steps",
+        save_steps=args.save_steps,
+        save_total_limit=2,
+        logging_steps=args.logging_steps,
+        seed=args.seed,
+        report_to=args.report_to,
+        disable_tqdm=args.quiet,
+        use_cpu=not torch.cuda.is_available(),
+    )
+    trainer = DistillationTrainer(
+        model=student,
+        teacher=teacher,
+        args=training_args,
+        train_dataset=subset(train),
+        eval_dataset=subset(validation) if held_out else None,
+        compute_metrics=metrics.top1_top5 if labels is not None else None,
+        callbacks=[CompressionCallback(eval_dataset_name="a held-out slice of the training data")],
+    )
+    resume = args.resume and any(checkpoints.glob("checkpoint-*"))
+    trainer.train(resume_from_checkpoint=True if resume else None)
+    student.eval()
+    rows, _ = measure_against_reference(
+        args, student, args.model, reference=teacher, source="hf-vitcompress finetune, after training"
     )
     print(format_table(rows))
+    provenance = dict(student.config.compression_provenance or {})
+    provenance["finetuning"] = {
+        "steps": trainer.state.global_step,
+        "examples": len(train),
+        "alpha": args.alpha,
+        "kind": args.kind,
+        "temperature": args.temperature,
+        "data": describe_data(args.data, "train", len(train))["dataset"],
+    }
+    student.config.compression_provenance = provenance
+    save_atomically(student, output, (Path(args.model) / "preprocessor_config.json",))
+    print(f"saved to {output} (checkpoints in {checkpoints})")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
     return rows
 
 
+def cmd_card(args: argparse.Namespace) -> str:
+    from .hub import build_model_card
+
+    model = load_model(args.model)
+    card = build_model_card(model, repo_id=args.repo_id, license=args.license)
+    path = Path(args.output) if args.output else Path(args.model) / "README.md"
+    card.save(path)
+    print(f"model card written to {path}")
+    return str(card)
+
+
+def cmd_push(args: argparse.Namespace) -> str:
+    model = load_model(args.model)
+    commit = model.push_to_hub(
+        args.repo_id,
+        private=args.private,
+        token=args.token,
+        commit_message=args.commit_message,
+        license=args.license,
+        extra_files=[p for p in (Path(args.model) / "preprocessor_config.json",) if p.exists()],
+    )
+    print(f"pushed to {commit.commit_url}")
+    return commit.commit_url
+
+
 def cmd_demo(args: argparse.Namespace) -> list[dict[str, Any]]:
     from .compress import compress
     from .data import iterate_batches, load_fashion_mnist
-    from .evaluation import compare_models, format_table
+    from .evaluation import evaluate_model, format_table
 
     config = _config_from_args(args)
     dense = load_model(str(DEFAULT_MODEL_DIR))
@@ -193,15 +357,22 @@ def cmd_demo(args: argparse.Namespace) -> list[dict[str, Any]]:
         calibration_data=list(iterate_batches(calibration_images, batch_size=64)),
         progress=not args.quiet,
     )
-    rows = compare_models(
-        {"dense": dense, f"compressed ({config.method}, {config.target_param_ratio:g})": compressed},
+    compressed.config.compression_provenance["calibration_data"] = (
+        "Fashion-MNIST training images shipped with hf_vitcompress"
+    )
+    rows, _ = evaluate_model(
+        compressed,
+        list(iterate_batches(test_images, test_labels, batch_size=500)),
         next(iterate_batches(test_images, batch_size=args.latency_batch_size))["pixel_values"],
-        eval_batches=list(iterate_batches(test_images, test_labels, batch_size=500)),
+        reference=dense,
+        name=f"compressed ({config.method}, {config.target_param_ratio:g})",
         repeats=args.repeats,
+        source="hf-vitcompress demo",
+        **describe_data("default", "test", len(test_images)),
     )
     print(format_table(rows))
     if args.output:
-        compressed.save_pretrained(args.output)
+        save_atomically(compressed, args.output, (DEFAULT_MODEL_DIR / "preprocessor_config.json",))
         print(f"saved to {args.output}")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
@@ -246,16 +417,61 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate_parser.add_argument("--limit", type=int, default=None, help="evaluate on at most this many images")
 
+    evaluate_parser.add_argument(
+        "--record", action="store_true", help="keep the report with the model (its model card shows these numbers)"
+    )
+
+    finetune_parser = sub.add_parser("finetune", help="recover accuracy by distillation from the dense model")
+    finetune_parser.add_argument("--model", required=True, help="compressed checkpoint (student)")
+    finetune_parser.add_argument("--teacher", default=None, help="dense model (default: the recorded base model)")
+    finetune_parser.add_argument(
+        "--data", default="default", help="training DATA; its test split is measured at the end"
+    )
+    finetune_parser.add_argument("--output", required=True)
+    finetune_parser.add_argument("--max-steps", dest="max_steps", type=int, default=300)
+    finetune_parser.add_argument("--batch-size", dest="batch_size", type=int, default=64)
+    finetune_parser.add_argument("--learning-rate", dest="learning_rate", type=float, default=1e-4)
+    finetune_parser.add_argument("--weight-decay", dest="weight_decay", type=float, default=0.0)
+    finetune_parser.add_argument("--warmup-steps", dest="warmup_steps", type=int, default=0)
+    finetune_parser.add_argument("--alpha", type=float, default=0.5, help="weight of distillation vs labels")
+    finetune_parser.add_argument("--temperature", type=float, default=1.0)
+    finetune_parser.add_argument("--kind", choices=["soft", "hard"], default="soft")
+    finetune_parser.add_argument("--feature-layers", dest="feature_layers", type=int, nargs="+", default=None)
+    finetune_parser.add_argument("--feature-weight", dest="feature_weight", type=float, default=0.0)
+    finetune_parser.add_argument("--train-limit", dest="train_limit", type=int, default=None)
+    finetune_parser.add_argument("--validation-size", dest="validation_size", type=int, default=1000)
+    finetune_parser.add_argument("--save-steps", dest="save_steps", type=int, default=100)
+    finetune_parser.add_argument("--logging-steps", dest="logging_steps", type=int, default=25)
+    finetune_parser.add_argument("--report-to", dest="report_to", nargs="*", default=[], help="Trainer loggers")
+    finetune_parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    finetune_parser.add_argument("--seed", type=int, default=0)
+    finetune_parser.add_argument("--limit", type=int, default=None, help="measure on at most this many test images")
+    finetune_parser.add_argument("--baseline", default=None, help=argparse.SUPPRESS)
+
+    card_parser = sub.add_parser("card", help="write the model card of a compressed checkpoint")
+    card_parser.add_argument("--model", required=True)
+    card_parser.add_argument("--output", default=None, help="default: <model>/README.md")
+    card_parser.add_argument("--repo-id", dest="repo_id", default=None, help="used in the card's loading snippet")
+    card_parser.add_argument("--license", default=None)
+
+    push_parser = sub.add_parser("push", help="upload a compressed checkpoint with its model card to the Hub")
+    push_parser.add_argument("--model", required=True)
+    push_parser.add_argument("--repo-id", dest="repo_id", required=True)
+    push_parser.add_argument("--private", action="store_true", default=None)
+    push_parser.add_argument("--token", default=None, help="default: the saved login or HF_TOKEN")
+    push_parser.add_argument("--commit-message", dest="commit_message", default=None)
+    push_parser.add_argument("--license", default=None)
+
     demo_parser = sub.add_parser("demo", help="compress the embedded default model and print a before/after table")
     demo_parser.add_argument("--output", default=None, help="also save the compressed model here")
     demo_parser.add_argument("--limit", type=int, default=None, help="evaluate on at most this many test images")
     _add_config_arguments(demo_parser)
 
-    for command in (evaluate_parser, demo_parser):
+    for command in (evaluate_parser, demo_parser, finetune_parser):
         command.add_argument("--json", default=None, help="also write the table as JSON")
         command.add_argument("--repeats", type=int, default=20, help="latency repeats (median reported)")
         command.add_argument("--latency-batch-size", dest="latency_batch_size", type=int, default=32)
-    for command in (compress_parser, evaluate_parser, demo_parser):
+    for command in (compress_parser, evaluate_parser, demo_parser, finetune_parser, card_parser, push_parser):
         command.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
 
@@ -268,7 +484,14 @@ def main(argv: list[str] | None = None) -> int:
 
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
-    handlers = {"compress": cmd_compress, "evaluate": cmd_evaluate, "demo": cmd_demo}
+    handlers = {
+        "compress": cmd_compress,
+        "evaluate": cmd_evaluate,
+        "finetune": cmd_finetune,
+        "card": cmd_card,
+        "push": cmd_push,
+        "demo": cmd_demo,
+    }
     try:
         handlers[args.command](args)
     except (ValueError, TypeError, FileNotFoundError) as error:

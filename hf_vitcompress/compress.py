@@ -51,6 +51,12 @@ def resolve_targets(
     return block_groups, [name for name in extra if name not in block_names]
 
 
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
 def compress(
     model: PreTrainedModel,
     config: CompressionConfig,
@@ -75,6 +81,7 @@ def compress(
     block_groups, extra = resolve_targets(model, family, config.target_modules)
 
     batches = None
+    calibration_images = 0
     if needs_calibration(config):
         parameter = next(model.parameters())
         batches = iter_calibration_batches(
@@ -85,6 +92,14 @@ def compress(
             device=parameter.device,
             dtype=parameter.dtype,
         )
+
+        def counted(source):
+            nonlocal calibration_images
+            for batch in source:
+                calibration_images += len(batch)
+                yield batch
+
+        batches = counted(batches)
 
     was_training = model.training
     model.eval()  # the dense model is the reference: no dropout while it is measured
@@ -109,6 +124,12 @@ def compress(
     working.config.__class__ = family.config_class
     working.config.compression_config = config.to_dict()
     working.config.compression_plan = plan.to_dict()
+    working.config.compression_provenance = {
+        "base_model": getattr(model, "name_or_path", "") or None,
+        "base_model_class": type(model).__name__,
+        "calibration_images": calibration_images,
+        "hf_vitcompress_version": _version(),
+    }
     working.config.auto_map = family.config_class.default_auto_map()
     working.__class__ = compressed_class
     working.compression_report = report

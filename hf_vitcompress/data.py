@@ -35,6 +35,7 @@ FASHION_MNIST_STD = 0.3530
 PACKAGE_DIR = Path(__file__).resolve().parent
 DEFAULT_DIR = PACKAGE_DIR / "default"
 SUBSET_PATH = DEFAULT_DIR / "fashion_mnist_subset.npz"
+DEFAULT_MODEL_DIR = DEFAULT_DIR / "model"
 
 _FULL_CANDIDATES = (
     "/usr/share/datasets/fashion-mnist",  # Debian: apt-get install dataset-fashion-mnist
@@ -110,3 +111,21 @@ def iterate_batches(
         if labels is not None:
             batch["labels"] = torch.from_numpy(labels[start : start + batch_size])
         yield batch
+
+
+class ExampleDataset(torch.utils.data.Dataset):
+    """In-memory ``{"pixel_values", "labels"}`` examples: the dataset form ``Trainer`` takes."""
+
+    def __init__(self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None) -> None:
+        if labels is not None and len(labels) != len(pixel_values):
+            raise ValueError(f"{len(pixel_values)} images but {len(labels)} labels.")
+        self.pixel_values, self.labels = pixel_values, labels
+
+    def __len__(self) -> int:
+        return len(self.pixel_values)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        item = {"pixel_values": self.pixel_values[index]}
+        if self.labels is not None:
+            item["labels"] = self.labels[index]
+        return item

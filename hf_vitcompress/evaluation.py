@@ -8,15 +8,21 @@ measured with hooks on a real forward pass so that whatever the model really run
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
+import platform
 import statistics
 import time
 from collections.abc import Iterable
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from .layers import LowRankLinear
+from .metrics.functional import topk_accuracy
 from .plan import count_parameters, set_submodule
 
 
@@ -78,17 +84,23 @@ def measure_latency(
 
 
 @torch.no_grad()
-def top1_accuracy(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]]) -> float:
-    """Top-1 accuracy over ``{"pixel_values", "labels"}`` batches."""
+def topk_accuracies(
+    model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], ks: tuple[int, ...] = (1, 5)
+) -> dict[str, float]:
+    """``{"top1": ..., "top5": ...}`` over ``{"pixel_values", "labels"}`` batches.
+
+    A top-k that is trivially 1.0 (k ≥ number of classes) is left out rather than reported.
+    """
     model.eval()
-    correct = total = 0
+    logits, labels = [], []
     for batch in batches:
-        logits = model(pixel_values=batch["pixel_values"]).logits
-        correct += int((logits.argmax(-1) == batch["labels"]).sum())
-        total += batch["labels"].numel()
-    if total == 0:
+        if "labels" not in batch:
+            raise ValueError("Evaluation batches have no 'labels': top-1 needs labelled data.")
+        logits.append(model(pixel_values=batch["pixel_values"]).logits.float().cpu())
+        labels.append(batch["labels"].cpu())
+    if not labels:
         raise ValueError("No labelled evaluation data: top-1 needs batches with 'labels'.")
-    return correct / total
+    return topk_accuracy(torch.cat(logits).numpy(), torch.cat(labels).numpy(), ks)
 
 
 def dense_equivalent(model: nn.Module) -> nn.Module:
@@ -125,7 +137,7 @@ def compare_models(
             "latency_s": latency[name],
         }
         if batches is not None:
-            row["top1"] = top1_accuracy(model, batches)
+            row.update(topk_accuracies(model, batches))
         rows.append(row)
     base = next(row for row in rows if row["model"] == reference)
     for row in rows:
@@ -139,8 +151,11 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     """A plain-text table of :func:`compare_models` rows."""
     header = ["model", "params", "ratio", "GMACs/img", "ratio", "latency ms", "speedup"]
     has_top1 = any("top1" in row for row in rows)
+    has_top5 = any("top5" in row for row in rows)
     if has_top1:
         header.append("top-1")
+    if has_top5:
+        header.append("top-5")
     lines = []
     for row in rows:
         cells = [
@@ -154,6 +169,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         ]
         if has_top1:
             cells.append(f"{100 * row['top1']:.2f}%" if "top1" in row else "-")
+        if has_top5:
+            cells.append(f"{100 * row['top5']:.2f}%" if "top5" in row else "-")
         lines.append(cells)
     widths = [max(len(str(x)) for x in column) for column in zip(header, *lines)]
 
@@ -161,3 +178,151 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         return "  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
 
     return "\n".join([render(header), render(["-" * w for w in widths])] + [render(cells) for cells in lines])
+
+
+# -- what was measured, kept with the model ---------------------------------------------------------
+EVALUATION_FILE_NAME = "vitcompress_evaluation.json"
+MEASURED_KEYS = ("parameters", "macs", "latency_s", "top1", "top5")
+
+
+def weights_fingerprint(model: nn.Module) -> str:
+    """SHA-256 of every parameter and buffer: ties a measurement to the exact weights it was taken on."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(str(tuple(tensor.shape)).encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def describe_cpu() -> str:
+    """``"<processor> (N threads), torch X"``: what latency numbers were measured on."""
+    processor = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                processor = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{processor} ({torch.get_num_threads()} threads), torch {torch.__version__}"
+
+
+@dataclass
+class EvaluationReport:
+    """Numbers measured on one model (and optionally its dense reference, in the same run).
+
+    Only what was measured is present: ``model`` / ``reference`` hold a subset of
+    ``parameters, macs, latency_s, top1, top5``. ``weights_fingerprint`` is the fingerprint of the
+    measured weights; a model whose weights have changed since (more fine-tuning) no longer matches,
+    and its model card leaves these numbers out instead of printing stale ones.
+    """
+
+    model: dict[str, float]
+    weights_fingerprint: str
+    reference: dict[str, float] | None = None
+    reference_name: str | None = None
+    dataset: str | None = None
+    dataset_id: str | None = None
+    dataset_split: str | None = None
+    num_images: int | None = None
+    latency_setup: dict[str, Any] | None = None
+    source: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> EvaluationReport:
+        names = {f.name for f in fields(cls)}
+        unknown = set(data) - names
+        if unknown:
+            raise ValueError(f"Unknown evaluation report fields: {sorted(unknown)}.")
+        return cls(**data)
+
+    def save(self, directory: str | Path) -> Path:
+        path = Path(directory) / EVALUATION_FILE_NAME
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, directory: str | Path) -> EvaluationReport | None:
+        path = Path(directory) / EVALUATION_FILE_NAME
+        if not path.is_file():
+            return None
+        try:
+            return cls.from_dict(json.loads(path.read_text()))
+        except (ValueError, TypeError) as error:
+            raise ValueError(
+                f"{path} is not a valid evaluation report ({error}); delete it or re-run evaluate."
+            ) from error
+
+    def matches(self, model: nn.Module) -> bool:
+        return self.weights_fingerprint == weights_fingerprint(model)
+
+    @classmethod
+    def from_rows(
+        cls,
+        rows: list[dict[str, Any]],
+        model: nn.Module,
+        subject: str,
+        reference: str | None = None,
+        **metadata: Any,
+    ) -> EvaluationReport:
+        """From :func:`compare_models` rows: ``subject`` is the row of ``model``, ``reference`` the dense row."""
+        by_name = {row["model"]: row for row in rows}
+
+        def measured(row: dict[str, Any]) -> dict[str, float]:
+            return {key: row[key] for key in MEASURED_KEYS if key in row}
+
+        return cls(
+            model=measured(by_name[subject]),
+            weights_fingerprint=weights_fingerprint(model),
+            reference=measured(by_name[reference]) if reference else None,
+            reference_name=reference,
+            **metadata,
+        )
+
+
+def evaluate_model(
+    model: nn.Module,
+    eval_batches: Iterable[dict[str, torch.Tensor]] | None,
+    example_pixels: torch.Tensor,
+    *,
+    reference: nn.Module | None = None,
+    reference_name: str = "dense",
+    name: str = "compressed",
+    repeats: int = 20,
+    dataset: str | None = None,
+    dataset_id: str | None = None,
+    dataset_split: str | None = None,
+    source: str = "hf_vitcompress.evaluate_model",
+) -> tuple[list[dict[str, Any]], EvaluationReport]:
+    """Measure ``model`` (against ``reference`` when given) and attach the report to it.
+
+    Returns the :func:`compare_models` rows and an :class:`EvaluationReport`, which is also stored as
+    ``model.evaluation_report``: ``save_pretrained`` keeps it next to the weights and the model card
+    reads it.
+    """
+    batches = list(eval_batches) if eval_batches is not None else None
+    models = {reference_name: reference, name: model} if reference is not None else {name: model}
+    rows = compare_models(models, example_pixels, eval_batches=batches, repeats=repeats)
+    report = EvaluationReport.from_rows(
+        rows,
+        model,
+        name,
+        reference_name if reference is not None else None,
+        dataset=dataset,
+        dataset_id=dataset_id,
+        dataset_split=dataset_split,
+        num_images=sum(len(batch["pixel_values"]) for batch in batches) if batches else None,
+        latency_setup={
+            "device": describe_cpu() if example_pixels.device.type == "cpu" else str(example_pixels.device),
+            "batch_size": int(example_pixels.shape[0]),
+            "repeats": repeats,
+            "statistic": "median",
+        },
+        source=source,
+    )
+    model.evaluation_report = report
+    return rows, report

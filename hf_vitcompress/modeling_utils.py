@@ -13,6 +13,7 @@ from typing import Any
 
 from transformers import AutoConfig, AutoModel, AutoModelForImageClassification
 
+from .evaluation import EvaluationReport
 from .plan import CompressionPlan, PlanMismatchError, apply_plan_structure
 
 LOADER_SHIM_NAME = "vitcompress_loader"
@@ -55,6 +56,8 @@ class CompressedConfigMixin:
 class CompressedModelMixin:
     """Mixed into a transformers model class: the architecture follows ``config.compression_plan``."""
 
+    evaluation_report: EvaluationReport | None = None
+
     def __init__(self, config, *args: Any, **kwargs: Any) -> None:
         super().__init__(config, *args, **kwargs)
         if getattr(config, "compression_plan", None):
@@ -88,13 +91,31 @@ class CompressedModelMixin:
                 f"The checkpoint does not match its compression plan ({'; '.join(problems)}). "
                 "It was probably edited or saved from a different model; re-run compression or restore the original files."
             )
+        source = args[0] if args else kwargs.get("pretrained_model_name_or_path")
+        if source is not None and Path(source).is_dir():
+            model.evaluation_report = EvaluationReport.load(source)
         return (model, info) if want_info else model
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> None:
-        """Save as transformers does, plus the small loader shim that ``auto_map`` points at."""
+        """Save as transformers does, plus the loader shim that ``auto_map`` points at and, when one was
+        measured on exactly these weights, the evaluation report (which the model card reads)."""
         super().save_pretrained(save_directory, *args, **kwargs)
         if kwargs.get("is_main_process", True):
             write_loader_shim(save_directory, self.config)
+            report = getattr(self, "evaluation_report", None)
+            if report is not None and report.matches(self):
+                report.save(save_directory)
+
+    def push_to_hub(self, repo_id: str, **kwargs: Any):
+        """Upload weights, config (with the plan and ``auto_map``), loader shim and a model card.
+
+        The card holds the counted size and only the numbers measured on these weights (see
+        :func:`hf_vitcompress.hub.build_model_card`); pass ``model_card=`` to upload your own. Needs a
+        token (``hf auth login``, ``HF_TOKEN`` or ``token=``). Returns the ``CommitInfo``.
+        """
+        from .hub import push_model_to_hub
+
+        return push_model_to_hub(self, repo_id, **kwargs)
 
 
 def _preview(keys: Any, limit: int = 4) -> str:

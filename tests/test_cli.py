@@ -50,7 +50,7 @@ def test_compress_then_evaluate(tmp_path, capsys):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out-")]  # no staging folder left behind
     model = AutoModelForImageClassification.from_pretrained(out)
     assert isinstance(model, CompressedViTForImageClassification)
-    assert model.config.compression_config["base_model"] == str(DEFAULT_MODEL_DIR)
+    assert model.config.compression_provenance["base_model"] == str(DEFAULT_MODEL_DIR)
     capsys.readouterr()
     report = tmp_path / "eval.json"
     assert (
@@ -145,3 +145,107 @@ def test_shipped_model_is_a_plain_transformers_vit():
     model = AutoModelForImageClassification.from_pretrained(DEFAULT_MODEL_DIR)
     assert type(model).__name__ == "ViTForImageClassification"
     assert model(pixel_values=torch.zeros(1, 1, 28, 28)).logits.shape == (1, 10)
+
+
+def test_finetune_card_and_push_from_the_shell(tmp_path, capsys, monkeypatch):
+    from huggingface_hub import CommitInfo, HfApi, RepoUrl
+
+    compressed, tuned = tmp_path / "c", tmp_path / "ft"
+    common = ["--quiet"]
+    assert (
+        main(
+            [
+                "compress",
+                *common,
+                "--calibration-samples",
+                "64",
+                "--compensation-rank",
+                "0",
+                "--output",
+                str(compressed),
+            ]
+        )
+        == 0
+    )
+
+    def finetune(max_steps, *extra):
+        return main(
+            ["finetune", *common, "--model", str(compressed), "--output", str(tuned), "--max-steps", str(max_steps)]
+            + ["--train-limit", "256", "--validation-size", "32", "--save-steps", "2", "--batch-size", "32"]
+            + ["--limit", "200", "--repeats", "2", "--kind", "hard", *extra]
+        )
+
+    assert finetune(4) == 0
+    assert {"config.json", "model.safetensors", "vitcompress_evaluation.json", "preprocessor_config.json"} <= {
+        p.name for p in tuned.iterdir()
+    }
+    model = AutoModelForImageClassification.from_pretrained(tuned)
+    assert model.evaluation_report.matches(model) and model.evaluation_report.num_images == 200
+    assert model.config.compression_provenance["finetuning"]["steps"] == 4
+    assert (
+        model.config.compression_plan
+        == AutoModelForImageClassification.from_pretrained(compressed).config.compression_plan
+    )
+    # Resuming picks up the last checkpoint and trains on to the new max-steps.
+    assert finetune(6, "--resume") == 0
+    assert (
+        AutoModelForImageClassification.from_pretrained(tuned).config.compression_provenance["finetuning"]["steps"] == 6
+    )
+
+    assert main(["card", "--quiet", "--model", str(tuned), "--repo-id", "someone/fmnist-vit-50"]) == 0
+    card = (tuned / "README.md").read_text()
+    report = AutoModelForImageClassification.from_pretrained(tuned).evaluation_report
+    assert f"{100 * report.model['top1']:.2f}%" in card and "6 steps" in card
+
+    uploads = {}
+    monkeypatch.setattr(HfApi, "create_repo", lambda api, repo_id, **kw: RepoUrl(f"https://huggingface.co/{repo_id}"))
+
+    def create_commit(api, repo_id, operations, **kw):
+        uploads.update({op.path_in_repo: op.path_or_fileobj for op in operations})
+        return CommitInfo(f"https://huggingface.co/{repo_id}/commit/{'1' * 40}", "", "", "1" * 40)
+
+    monkeypatch.setattr(HfApi, "create_commit", create_commit)
+    capsys.readouterr()
+    assert (
+        main(["push", "--quiet", "--model", str(tuned), "--repo-id", "someone/fmnist-vit-50", "--token", "hf_x"]) == 0
+    )
+    assert "commit/1111" in capsys.readouterr().out
+    assert sorted(uploads) == sorted(
+        [
+            "README.md",
+            "config.json",
+            "model.safetensors",
+            "preprocessor_config.json",
+            "vitcompress_evaluation.json",
+            "vitcompress_loader.py",
+        ]
+    )
+    assert main(["push", "--quiet", "--model", str(tuned), "--repo-id", "not a repo id", "--token", "hf_x"]) == 2
+    assert "not a valid Hub repo id" in capsys.readouterr().err
+
+
+def test_finetune_without_a_teacher_says_what_to_do(tmp_path, capsys):
+    compressed = tmp_path / "c"
+    assert (
+        main(
+            [
+                "compress",
+                "--quiet",
+                "--calibration-samples",
+                "32",
+                "--compensation-rank",
+                "0",
+                "--output",
+                str(compressed),
+            ]
+        )
+        == 0
+    )
+    config = json.loads((compressed / "config.json").read_text())
+    config["compression_provenance"]["base_model"] = str(tmp_path / "gone")
+    (compressed / "config.json").write_text(json.dumps(config))
+    code = main(
+        ["finetune", "--quiet", "--model", str(compressed), "--output", str(tmp_path / "ft"), "--max-steps", "1"]
+    )
+    assert code == 2 and "--teacher" in capsys.readouterr().err
+    assert not (tmp_path / "ft").exists()

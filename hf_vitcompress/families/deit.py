@@ -28,6 +28,7 @@ class CompressedDeiTConfig(CompressedConfigMixin, DeiTConfig):
 
     compression_config: dict | None = None
     compression_plan: dict | None = None
+    compression_provenance: dict | None = None
 
 
 CompressedDeiTModel = make_compressed_model_class(DeiTModel, CompressedDeiTConfig, __name__)

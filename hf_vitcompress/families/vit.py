@@ -29,6 +29,7 @@ class CompressedViTConfig(CompressedConfigMixin, ViTConfig):
 
     compression_config: dict | None = None
     compression_plan: dict | None = None
+    compression_provenance: dict | None = None
 
 
 CompressedViTModel = make_compressed_model_class(ViTModel, CompressedViTConfig, __name__)

@@ -1,0 +1,353 @@
+"""Model cards and ``push_to_hub`` for compressed models: publish only what was measured.
+
+The card is rendered from ``hf_vitcompress/model_cards/template.md`` with ``huggingface_hub``'s
+``ModelCard`` / ``ModelCardData``. Counted facts (parameters, multiply-accumulates) are computed from the
+checkpoint itself; measured facts (accuracy, latency) come only from an :class:`EvaluationReport` taken on
+these exact weights. A field that was not measured is left out, never estimated.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from huggingface_hub import CommitOperationAdd, EvalResult, HfApi, ModelCard, ModelCardData
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
+from torch import nn
+
+from .calibration.data import image_size_of
+from .data import DEFAULT_MODEL_DIR
+from .evaluation import EvaluationReport, count_macs, dense_equivalent
+from .plan import CompressionPlan, count_parameters
+
+TEMPLATE_PATH = Path(__file__).resolve().parent / "model_cards" / "template.md"
+
+
+def describe_method(config: dict[str, Any]) -> tuple[str, str]:
+    """A title and one paragraph saying what was done, from the saved ``compression_config``."""
+    method = config.get("method", "unknown")
+    if method != "activation_aware":
+        return method, ""
+    whitening = {
+        "gram": "an SVD whitened with the calibration activations' Gram matrix",
+        "diagonal": "an SVD scaled by per-channel activation magnitudes (ASVD-style)",
+        "none": "a plain SVD of the weights",
+    }[config.get("whitening", "gram")]
+    allocation = (
+        "allocated across layers under one global parameter budget"
+        if config.get("rank_allocation", "global") == "global"
+        else "the same fraction of each layer's rank"
+    )
+    text = (
+        f"Each selected linear layer is replaced by a pair of thin linears found by {whitening}; ranks are {allocation}"
+    )
+    if config.get("compensation_rank", 0):
+        text += f", and a rank-{config['compensation_rank']} learned residual compensates the remaining error"
+    return "activation-aware mixed-rank factorization", text + "."
+
+
+class ModelCardTemplateError(ValueError):
+    """The card template uses a variable that was not provided (or is broken)."""
+
+
+class HubTokenError(ValueError):
+    """No Hugging Face token is available for a push."""
+
+
+# -- card ------------------------------------------------------------------------------------------
+def render_template(template: str, **variables: Any) -> str:
+    """Render a Jinja template where a *missing* variable is an error, not an empty string.
+
+    ``ModelCard.from_template`` renders undefined variables as "", which would silently publish a card
+    with holes; optional sections use ``{% if name is defined %}`` instead.
+    """
+    import jinja2
+
+    environment = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
+    try:
+        return environment.from_string(template).render(**variables)
+    except jinja2.UndefinedError as error:
+        raise ModelCardTemplateError(
+            f"The model card template needs a value that was not provided: {error.message}. Pass it to "
+            "build_model_card(..., <name>=...) or remove it from the template."
+        ) from error
+    except jinja2.TemplateSyntaxError as error:
+        raise ModelCardTemplateError(f"The model card template is invalid (line {error.lineno}): {error}") from error
+
+
+def _is_hub_id(name: str | None) -> bool:
+    if not name or Path(name).exists() or name.count("/") != 1:
+        return False
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
+def _describe_base(provenance: dict[str, Any], model: nn.Module) -> str:
+    base = provenance.get("base_model")
+    cls = provenance.get("base_model_class") or type(model).__name__.removeprefix("Compressed")
+    if _is_hub_id(base):
+        return f"[`{base}`](https://huggingface.co/{base}) (`{cls}`)"
+    if base and Path(base).resolve() == DEFAULT_MODEL_DIR:
+        return "hf_vitcompress's embedded default model (a small ViT trained on Fashion-MNIST)"
+    if base:
+        return f"a local `{cls}` checkpoint (`{Path(base).name}`)"
+    return f"a dense `{cls}`"
+
+
+def _measured_section(report: EvaluationReport) -> dict[str, Any]:
+    where = []
+    if report.num_images:
+        where.append(f"{report.num_images:,} images")
+    if report.dataset:
+        where.append(f"of {report.dataset}" + (f" ({report.dataset_split} split)" if report.dataset_split else ""))
+    sentence = "Measured on " + (" ".join(where) if where else "the evaluation data")
+    if report.reference is not None:
+        sentence += f", compressed and {report.reference_name} model in the same run"
+    sentence += f" ({report.source})." if report.source else "."
+    section: dict[str, Any] = {
+        "model": report.model,
+        "reference": report.reference,
+        "reference_name": report.reference_name or "reference",
+        "source_sentence": sentence,
+    }
+    reference = report.reference or {}
+    if "latency_s" in report.model and "latency_s" in reference and report.latency_setup:
+        section["latency"] = {
+            "reference_ms": 1e3 * reference["latency_s"],
+            "model_ms": 1e3 * report.model["latency_s"],
+            "speedup": reference["latency_s"] / report.model["latency_s"],
+            **report.latency_setup,
+        }
+    return section
+
+
+def _eval_results(report: EvaluationReport) -> list[EvalResult]:
+    if not report.dataset_id:
+        return []  # the Hub's model-index needs a dataset id; the table in the card still shows the numbers
+    results = []
+    for key, name in (("top1", "Top-1 accuracy"), ("top5", "Top-5 accuracy")):
+        if key in report.model:
+            results.append(
+                EvalResult(
+                    task_type="image-classification",
+                    dataset_type=report.dataset_id,
+                    dataset_name=report.dataset or report.dataset_id,
+                    dataset_split=report.dataset_split,
+                    metric_type="accuracy" if key == "top1" else "top_5_accuracy",
+                    metric_name=name,
+                    metric_value=round(float(report.model[key]), 4),
+                )
+            )
+    return results
+
+
+def build_model_card(
+    model: nn.Module,
+    *,
+    report: EvaluationReport | None = None,
+    repo_id: str | None = None,
+    license: str | None = None,
+    tags: Iterable[str] = (),
+    template_path: str | Path | None = None,
+    **template_variables: Any,
+) -> ModelCard:
+    """The model card of a compressed model, with its counted size and (if any) its measured numbers.
+
+    ``report`` defaults to ``model.evaluation_report`` (set by :func:`~hf_vitcompress.evaluate_model`, by
+    ``CompressionCallback`` after ``Trainer.evaluate``, or loaded from a saved folder). A report taken on
+    other weights is dropped and the card says so. Extra ``template_variables`` reach custom templates.
+    """
+    config = model.config
+    if not getattr(config, "compression_plan", None):
+        raise ValueError(
+            f"{type(model).__name__} has no compression plan: build_model_card is for models made by "
+            "hf_vitcompress.compress (or loaded from such a checkpoint)."
+        )
+    plan = CompressionPlan.from_dict(config.compression_plan)
+    compression_config = dict(config.compression_config or {})
+    provenance = dict(getattr(config, "compression_provenance", None) or {})
+    method = compression_config.get("method", "unknown")
+    title, summary = describe_method(compression_config)
+
+    report = report if report is not None else getattr(model, "evaluation_report", None)
+    variables: dict[str, Any] = {}
+    if report is not None and not report.matches(model):
+        variables["stale_note"] = (
+            "_An evaluation report was found but it was measured on different weights (the model changed "
+            "since, e.g. more fine-tuning), so its numbers are not shown._"
+        )
+        report = None
+
+    parameter = next(model.parameters())
+    example = torch.zeros(
+        1, config.num_channels, *image_size_of(config), dtype=parameter.dtype, device=parameter.device
+    )
+    was_training = model.training
+    model.eval()
+    try:
+        macs = count_macs(model, example)
+        dense_macs = count_macs(dense_equivalent(model), example)
+    finally:
+        model.train(was_training)
+    parameters = count_parameters(model)
+    dense_parameters = plan.dense_parameters or parameters
+
+    calibration_images = provenance.get("calibration_images")
+    if calibration_images:
+        source = provenance.get("calibration_data")
+        calibration = f"{calibration_images:,} calibration images" + (f" ({source})" if source else "") + "."
+    elif calibration_images == 0:
+        calibration = "No calibration data was used (the configured method works from the weights alone)."
+    else:
+        calibration = "The calibration data was not recorded in this checkpoint."
+
+    base = provenance.get("base_model")
+    card_tags = ["hf-vitcompress", "vision", "image-classification", "model-compression", method.replace("_", "-")]
+    card_tags += [tag for tag in tags if tag not in card_tags]
+    eval_results = _eval_results(report) if report is not None else []
+    model_name = repo_id.split("/")[-1] if repo_id else template_variables.pop("model_name", "compressed-vit")
+    card_data = ModelCardData(
+        library_name="transformers",
+        pipeline_tag="image-classification",
+        base_model=base if _is_hub_id(base) else None,
+        license=license,
+        tags=card_tags,
+        datasets=[report.dataset_id] if report is not None and report.dataset_id else None,
+        metrics=["accuracy"] if report is not None and "top1" in report.model else None,
+        eval_results=eval_results or None,
+        model_name=model_name,
+    )
+    if report is not None:
+        variables["measured"] = _measured_section(report)
+    finetuning = provenance.get("finetuning")
+    if finetuning:
+        teacher = "the dense model as teacher" if finetuning.get("alpha", 0) > 0 else "no teacher"
+        variables["finetuning_sentence"] = (
+            f"After compression the model was fine-tuned for {finetuning['steps']:,} steps on "
+            f"{finetuning['examples']:,} images ({finetuning.get('data', 'training data')}) with {teacher}: "
+            f"loss = {1 - finetuning['alpha']:g}·cross-entropy + {finetuning['alpha']:g}·{finetuning['kind']} "
+            f"distillation (temperature {finetuning['temperature']:g})."
+        )
+    variables.update(
+        card_data=card_data.to_yaml(),
+        model_name=model_name,
+        base_model_display=_describe_base(provenance, model),
+        library_version=provenance.get("hf_vitcompress_version", ""),
+        method_title=title,
+        method_summary=summary,
+        params={"dense": dense_parameters, "compressed": parameters, "ratio": parameters / dense_parameters},
+        macs={"dense": dense_macs, "compressed": macs, "ratio": macs / dense_macs},
+        calibration_sentence=calibration,
+        compression_config_json=json.dumps(compression_config, indent=2, sort_keys=True),
+        plan_rows=[
+            {
+                "name": name,
+                "rank": layer.rank,
+                "dense": layer.in_features * layer.out_features + layer.out_features * layer.bias,
+                "factorized": layer.num_parameters,
+            }
+            for name, layer in plan.layers.items()
+        ],
+        load_id=repo_id or "<path or repo id>",
+        model_type=config.model_type,
+    )
+    variables.update(template_variables)
+    template = Path(template_path or TEMPLATE_PATH).read_text(encoding="utf-8")
+    return ModelCard(render_template(template, **variables))
+
+
+# -- push ------------------------------------------------------------------------------------------
+def check_repo_id(repo_id: str) -> None:
+    """Raise a ``ValueError`` that says what a valid repo id looks like."""
+    try:
+        if not isinstance(repo_id, str) or not repo_id or repo_id.count("/") > 1:
+            raise HFValidationError("expected 'name' or 'namespace/name'")
+        validate_repo_id(repo_id)
+    except HFValidationError as error:
+        raise ValueError(
+            f"{repo_id!r} is not a valid Hub repo id ({error}). Use 'name' or 'namespace/name' with letters, "
+            "digits, '-', '_' and '.', e.g. 'your-name/deit-small-vitcompress-50'."
+        ) from error
+
+
+def resolve_token(token: str | bool | None) -> str:
+    """The token to push with: ``token`` itself, else the saved login / ``HF_TOKEN``; a clear error if none."""
+    if isinstance(token, str) and token:
+        return token
+    if token is not False:
+        from huggingface_hub import get_token
+
+        found = get_token()
+        if found:
+            return found
+    raise HubTokenError(
+        "Pushing to the Hub needs a token and none was found: run `hf auth login`, set the HF_TOKEN "
+        "environment variable, or pass token='hf_...'."
+    )
+
+
+def push_model_to_hub(
+    model: nn.Module,
+    repo_id: str,
+    *,
+    commit_message: str | None = None,
+    commit_description: str | None = None,
+    private: bool | None = None,
+    token: str | bool | None = None,
+    revision: str | None = None,
+    create_pr: bool = False,
+    max_shard_size: int | str = "50GB",
+    model_card: ModelCard | None = None,
+    extra_files: Iterable[str | Path] = (),
+    endpoint: str | None = None,
+    **card_options: Any,
+):
+    """Upload weights, config (plan and ``auto_map``), loader shim, model card and ``extra_files`` in one commit.
+
+    Everything is prepared locally first (the card is rendered, the checkpoint written) so that a bad
+    template or argument fails before the repository is created. Returns the ``CommitInfo``.
+    """
+    check_repo_id(repo_id)
+    token = resolve_token(token)
+    api = HfApi(token=token, endpoint=endpoint)
+    with tempfile.TemporaryDirectory(prefix="vitcompress-push-") as folder:
+        model.save_pretrained(folder, max_shard_size=max_shard_size)
+        for extra in extra_files:
+            shutil.copy(extra, Path(folder) / Path(extra).name)
+        card = model_card if model_card is not None else build_model_card(model, repo_id=repo_id, **card_options)
+        card.save(Path(folder) / "README.md")
+        operations = [
+            CommitOperationAdd(path_in_repo=path.relative_to(folder).as_posix(), path_or_fileobj=str(path))
+            for path in sorted(Path(folder).rglob("*"))
+            if path.is_file()
+        ]
+        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+        return api.create_commit(
+            repo_id=repo_id,
+            operations=operations,
+            commit_message=commit_message or "Upload model compressed with hf_vitcompress",
+            commit_description=commit_description,
+            revision=revision,
+            create_pr=create_pr,
+        )
+
+
+__all__ = [
+    "HubTokenError",
+    "ModelCardTemplateError",
+    "TEMPLATE_PATH",
+    "build_model_card",
+    "check_repo_id",
+    "push_model_to_hub",
+    "render_template",
+    "resolve_token",
+]

@@ -1,0 +1,268 @@
+"""``DistillationTrainer``: recover a compressed model's accuracy from its dense teacher.
+
+A ``transformers.Trainer`` subclass, because only ``compute_loss`` can change the loss (callbacks
+cannot). The teacher is frozen, in eval mode, on the student's device and dtype, and is an attribute
+of the trainer, never a submodule of the student: it is not in the student's checkpoints.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from transformers import EvalPrediction, PreTrainedModel, Trainer
+
+from .arguments import DistillationArguments
+from .callbacks import CompressionCallback
+from .losses import distillation_loss, feature_alignment_loss
+from .schedules import training_progress
+
+
+def _num_labels(model: nn.Module) -> int | None:
+    config = getattr(model, "config", None)
+    return getattr(config, "num_labels", None) if config is not None else None
+
+
+def check_teacher(student: nn.Module, teacher: nn.Module) -> None:
+    """Refuse a teacher that cannot teach this student, naming the problem and the fix."""
+    if not isinstance(teacher, nn.Module):
+        raise TypeError(f"teacher must be a torch.nn.Module (a transformers model); got {type(teacher).__name__}.")
+    if teacher is student:
+        raise ValueError("The teacher is the student itself: pass the dense model the student was compressed from.")
+    student_labels, teacher_labels = _num_labels(student), _num_labels(teacher)
+    if student_labels is not None and teacher_labels is not None and student_labels != teacher_labels:
+        raise ValueError(
+            f"The teacher predicts {teacher_labels} classes but the student {student_labels}: distillation needs "
+            "the same label space. Use the dense model the student was compressed from (or one fine-tuned on the same labels)."
+        )
+    student_map = getattr(getattr(student, "config", None), "id2label", None)
+    teacher_map = getattr(getattr(teacher, "config", None), "id2label", None)
+    if (
+        student_map
+        and teacher_map
+        and {int(k): v for k, v in student_map.items()} != {int(k): v for k, v in teacher_map.items()}
+    ):
+        raise ValueError(
+            "The teacher's id2label differs from the student's: the same class index would mean different "
+            f"classes (e.g. {next(iter(teacher_map.items()))} vs {next(iter(student_map.items()))})."
+        )
+    devices = {p.device for p in teacher.parameters()}
+    if any(device.type == "meta" for device in devices):
+        raise ValueError(
+            "The teacher has weights on the 'meta' device (not loaded): load it fully, without device_map offloading."
+        )
+    if len(devices) > 1 or len(set((getattr(teacher, "hf_device_map", None) or {}).values())) > 1:
+        raise ValueError(
+            f"The teacher is spread over several devices ({sorted(map(str, devices))}); DistillationTrainer runs it "
+            "on the student's device. Load it on a single device (no device_map)."
+        )
+
+
+class DistillationTrainer(Trainer):
+    """``Trainer`` whose loss is ``(1-α)·CE + α·KD(teacher) + w(t)·feature MSE`` (+ controller terms).
+
+    ``teacher=None`` with ``alpha=0`` is plain fine-tuning with the same logging and hooks.
+    ``CompressionCallback`` instances among ``callbacks`` may contribute loss terms through their
+    controllers. Checkpoints hold only the student; resuming reloads it through ``from_pretrained``
+    (so compressed layers and transformers' renamed weights load correctly).
+    """
+
+    def __init__(self, model: nn.Module | None = None, teacher: nn.Module | None = None, args=None, **kwargs: Any):
+        if args is None:
+            args = DistillationArguments(output_dir="tmp_trainer")
+        if not isinstance(args, DistillationArguments):
+            raise TypeError(
+                f"DistillationTrainer needs DistillationArguments (got {type(args).__name__}); they extend "
+                "TrainingArguments with alpha, temperature, kind and feature alignment options."
+            )
+        if teacher is None and args.alpha > 0:
+            raise ValueError(f"alpha={args.alpha} needs a teacher; pass teacher=<dense model> or set alpha=0.")
+        if teacher is not None:
+            check_teacher(model, teacher)
+            teacher.eval()
+            teacher.requires_grad_(False)
+        if args.alpha == 0 and teacher is not None and not args.feature_weight:
+            teacher = None  # nothing to learn from it; don't pay for its forward passes
+        self.teacher = teacher
+        if args.label_names is None:
+            # Models whose forward takes no labels (DeiT with a distillation token) would otherwise have
+            # their labels dropped as an "unused column"; the loss here reads them.
+            args.label_names = ["labels"]
+        super().__init__(model=model, args=args, **kwargs)
+        # Our loss is a per-batch mean: let the Trainer divide it by the gradient-accumulation steps.
+        self.loss_is_scaled_for_ga = False
+        self.model_accepts_loss_kwargs = False
+        for callback in self.compression_callbacks:
+            callback.supports_auxiliary_loss = True
+        self._loss_sums: dict[str, torch.Tensor] = {}
+        self._loss_count = 0
+        self._teacher_metrics: dict[int, dict[str, float]] = {}
+
+    @property
+    def compression_callbacks(self) -> list[CompressionCallback]:
+        return [c for c in self.callback_handler.callbacks if isinstance(c, CompressionCallback)]
+
+    # -- loss --------------------------------------------------------------------------------------
+    def _teacher_on(self, reference: torch.Tensor) -> nn.Module:
+        parameter = next(self.teacher.parameters())
+        if parameter.device != reference.device or parameter.dtype != reference.dtype:
+            self.teacher.to(device=reference.device, dtype=reference.dtype)
+        return self.teacher
+
+    def _add_to_log(self, **values: torch.Tensor | float) -> None:
+        for key, value in values.items():
+            value = value.detach().float() if isinstance(value, torch.Tensor) else torch.tensor(float(value))
+            self._loss_sums[key] = self._loss_sums.get(key, 0) + value
+        self._loss_count += 1
+
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: Any = None,
+    ):
+        args: DistillationArguments = self.args
+        labels = inputs.get("labels")
+        if labels is None and args.alpha < 1:
+            raise ValueError(
+                f"The batch has no 'labels' but alpha={args.alpha} < 1 weighs cross-entropy on labels. Add a "
+                "'labels' column, or set alpha=1.0 to learn from the teacher alone."
+            )
+        model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
+        progress = training_progress(self.state.global_step, self.state.max_steps)
+        feature_weight = args.feature_schedule.value(progress) if args.feature_weight > 0 and model.training else 0.0
+        if feature_weight > 0:
+            model_inputs["output_hidden_states"] = True
+        outputs = model(**model_inputs)
+
+        # DeiT's distillation head learns from the teacher, its class head from the labels.
+        task_logits = getattr(outputs, "cls_logits", None)
+        task_logits = outputs.logits if task_logits is None else task_logits
+        kd_logits = getattr(outputs, "distillation_logits", None)
+        kd_logits = outputs.logits if kd_logits is None else kd_logits
+
+        terms: dict[str, torch.Tensor] = {}
+        if args.alpha < 1:
+            terms["ce"] = nn.functional.cross_entropy(task_logits.float(), labels)
+        teacher_outputs = None
+        if self.teacher is not None:
+            teacher = self._teacher_on(next(p for p in model.parameters()))
+            with torch.no_grad():
+                teacher_outputs = teacher(**model_inputs)
+        if args.alpha > 0:
+            terms["kd"] = distillation_loss(kd_logits, teacher_outputs.logits, args.kind, args.temperature)
+        loss = (1 - args.alpha) * terms.get("ce", 0) + args.alpha * terms.get("kd", 0)
+        if feature_weight > 0:
+            terms["feature"] = feature_alignment_loss(
+                outputs.hidden_states, teacher_outputs.hidden_states, args.feature_layers
+            )
+            loss = loss + feature_weight * terms["feature"]
+        if model.training:
+            for callback in self.compression_callbacks:
+                extra = callback.auxiliary_loss(model, self.state)
+                if extra is not None:
+                    terms["auxiliary"] = terms.get("auxiliary", 0) + extra
+                    loss = loss + extra
+            self._add_to_log(**terms, **({"feature_weight": feature_weight} if args.feature_weight > 0 else {}))
+        if not torch.is_tensor(loss):
+            raise ValueError("Nothing to train on: alpha=0 without labels, or no loss terms enabled.")
+        return (loss, outputs) if return_outputs else loss
+
+    # -- logging -----------------------------------------------------------------------------------
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs and self._loss_count:  # a training log: add the loss parts since the last one
+            for key, total in self._loss_sums.items():
+                logs[f"distill/{key}"] = round(float(total) / self._loss_count, 6)
+            self._loss_sums, self._loss_count = {}, 0
+        model = self.accelerator.unwrap_model(self.model)
+        for callback in self.compression_callbacks:
+            logs.update(callback.metrics(model, self.state))
+        super().log(logs, start_time)
+
+    # -- evaluation ----------------------------------------------------------------------------------
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        """``Trainer.evaluate`` plus, once per evaluation set, the teacher's metrics (``eval_teacher_*``)."""
+        teacher_metrics = {}
+        if self.args.evaluate_teacher and self.teacher is not None and self.compute_metrics is not None:
+            dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+            key = id(dataset)
+            if key not in self._teacher_metrics:
+                self._teacher_metrics[key] = self._evaluate_teacher(eval_dataset)
+            teacher_metrics = {f"{metric_key_prefix}_teacher_{k}": v for k, v in self._teacher_metrics[key].items()}
+        # The callback's on_evaluate (inside super().evaluate) reads the teacher's numbers from `metrics`;
+        # Trainer passes its own dict, so hand them over through compute_metrics' output.
+        if teacher_metrics:
+            compute_metrics = self.compute_metrics
+            prefix_length = len(metric_key_prefix) + 1
+            self.compute_metrics = lambda p: {
+                **compute_metrics(p),
+                **{k[prefix_length:]: v for k, v in teacher_metrics.items()},
+            }
+            try:
+                return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+            finally:
+                self.compute_metrics = compute_metrics
+        return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+
+    @torch.no_grad()
+    def _evaluate_teacher(self, eval_dataset) -> dict[str, float]:
+        dataloader = self.get_eval_dataloader(eval_dataset)
+        student = self.accelerator.unwrap_model(self.model)
+        teacher = self._teacher_on(next(student.parameters()))
+        logits, labels = [], []
+        for batch in dataloader:
+            batch = self._prepare_inputs(batch)
+            if "labels" not in batch:
+                return {}
+            output = teacher(**{k: v for k, v in batch.items() if k != "labels"})
+            logits.append(self.accelerator.gather_for_metrics(output.logits.float()).cpu())
+            labels.append(self.accelerator.gather_for_metrics(batch["labels"]).cpu())
+        if not logits:
+            return {}
+        prediction = EvalPrediction(predictions=torch.cat(logits).numpy(), label_ids=torch.cat(labels).numpy())
+        return {k: float(v) for k, v in self.compute_metrics(prediction).items() if np.isscalar(v)}
+
+    # -- checkpoints ---------------------------------------------------------------------------------
+    def _reload_weights(self, folder: str, model: nn.Module | None = None) -> None:
+        """Load a checkpoint's weights through ``from_pretrained``.
+
+        transformers 5.x saves ViT weights under the classic names and renames them only inside
+        ``from_pretrained``; the Trainer's own ``load_state_dict`` therefore loads almost nothing when
+        resuming. Going through ``from_pretrained`` also rebuilds and checks compressed layers.
+        """
+        model = model if model is not None else self.model
+        target = self.accelerator.unwrap_model(model)
+        loaded = type(target).from_pretrained(folder, dtype=next(target.parameters()).dtype)
+        target.load_state_dict(loaded.state_dict(), strict=True)
+
+    def _can_reload(self, folder: str, model: nn.Module | None) -> bool:
+        target = self.accelerator.unwrap_model(model if model is not None else self.model)
+        return (
+            isinstance(target, PreTrainedModel)
+            and not self.is_deepspeed_enabled
+            and not self.is_fsdp_enabled
+            and os.path.isfile(os.path.join(folder, "config.json"))
+            and any(
+                os.path.isfile(os.path.join(folder, name))
+                for name in ("model.safetensors", "model.safetensors.index.json")
+            )
+        )
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        if self._can_reload(resume_from_checkpoint, model):
+            self._reload_weights(resume_from_checkpoint, model)
+        else:
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+    def _load_best_model(self) -> None:
+        if self._can_reload(self.state.best_model_checkpoint, None):
+            self._reload_weights(self.state.best_model_checkpoint)
+        else:
+            super()._load_best_model()
+
+
+__all__ = ["DistillationTrainer", "check_teacher"]
