@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from _common import update_results_file
 from transformers import ViTConfig, ViTForImageClassification
 from transformers.utils import logging as hf_logging
 
@@ -368,22 +368,6 @@ def markdown(results: dict, ratios, default_name: str, command: str, minilm: dic
     return "\n".join(lines)
 
 
-def update_results_file(section: str, path: Path) -> None:
-    """Replace this benchmark's section of RESULTS.md, keeping the other benchmarks' sections."""
-    marker_start, marker_end = "<!-- lowrank_quality:start -->", "<!-- lowrank_quality:end -->"
-    block = f"{marker_start}\n{section}\n{marker_end}"
-    text = (
-        path.read_text()
-        if path.exists()
-        else "# Benchmark results\n\nEvery figure here was produced by the command named in its section.\n"
-    )
-    if marker_start in text:
-        text = re.sub(re.escape(marker_start) + ".*?" + re.escape(marker_end), lambda _: block, text, flags=re.S)
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    path.write_text(text)
-
-
 def plot(results: dict, ratios, path: Path, default_name: str) -> None:
     import matplotlib
 
@@ -456,7 +440,7 @@ def main() -> None:
         minilm = None if args.quick else minilm_check(variants)
         Path(args.json).write_text(json.dumps({**results, "minilm-l6": minilm}, indent=2) + "\n")
     if not args.quick:
-        update_results_file(markdown(results, ratios, default_name, command, minilm), HERE / "RESULTS.md")
+        update_results_file("lowrank_quality", markdown(results, ratios, default_name, command, minilm))
         plot(results, ratios, HERE / "lowrank_quality.png", default_name)
     print(f"\ndone in {time.time() - start:.0f} s")
 

@@ -292,16 +292,9 @@ def cmd_finetune(args: argparse.Namespace) -> list[dict[str, Any]]:
         args, student, args.model, reference=teacher, source="hf-vitcompress finetune, after training"
     )
     print(format_table(rows))
-    provenance = dict(student.config.compression_provenance or {})
-    provenance["finetuning"] = {
-        "steps": trainer.state.global_step,
-        "examples": len(train),
-        "alpha": args.alpha,
-        "kind": args.kind,
-        "temperature": args.temperature,
-        "data": describe_data(args.data, "train", len(train))["dataset"],
-    }
-    student.config.compression_provenance = provenance
+    student.config.compression_provenance["finetuning"]["data"] = describe_data(args.data, "train", len(train))[
+        "dataset"
+    ]
     save_atomically(student, output, (Path(args.model) / "preprocessor_config.json",))
     print(f"saved to {output} (checkpoints in {checkpoints})")
     if args.json:

@@ -230,13 +230,7 @@ def build_model_card(
         variables["measured"] = _measured_section(report)
     finetuning = provenance.get("finetuning")
     if finetuning:
-        teacher = "the dense model as teacher" if finetuning.get("alpha", 0) > 0 else "no teacher"
-        variables["finetuning_sentence"] = (
-            f"After compression the model was fine-tuned for {finetuning['steps']:,} steps on "
-            f"{finetuning['examples']:,} images ({finetuning.get('data', 'training data')}) with {teacher}: "
-            f"loss = {1 - finetuning['alpha']:g}·cross-entropy + {finetuning['alpha']:g}·{finetuning['kind']} "
-            f"distillation (temperature {finetuning['temperature']:g})."
-        )
+        variables["finetuning_sentence"] = describe_finetuning(finetuning)
     variables.update(
         card_data=card_data.to_yaml(),
         model_name=model_name,
@@ -263,6 +257,22 @@ def build_model_card(
     variables.update(template_variables)
     template = Path(template_path or TEMPLATE_PATH).read_text(encoding="utf-8")
     return ModelCard(render_template(template, **variables))
+
+
+def describe_finetuning(recipe: dict[str, Any]) -> str:
+    """One sentence for the card from ``compression_provenance["finetuning"]`` (written by DistillationTrainer)."""
+    alpha = recipe.get("alpha", 0.0)
+    images = f" of {recipe['examples']:,} images" if recipe.get("examples") else ""
+    data = f" ({recipe['data']})" if recipe.get("data") else ""
+    if alpha > 0:
+        loss = f"{1 - alpha:g}·cross-entropy + {alpha:g}·{recipe.get('kind', 'soft')} distillation from the dense model"
+        if recipe.get("kind", "soft") == "soft":
+            loss += f" (temperature {recipe.get('temperature', 1.0):g})"
+    else:
+        loss = "cross-entropy on the labels (no teacher)"
+    batch = f", batch {recipe['batch_size']}" if recipe.get("batch_size") else ""
+    rate = f", learning rate {recipe['learning_rate']:g}" if recipe.get("learning_rate") else ""
+    return f"After compression the model was fine-tuned for {recipe['steps']:,} steps{batch}{rate} on a training set{images}{data}; loss: {loss}."
 
 
 # -- push ------------------------------------------------------------------------------------------

@@ -208,6 +208,11 @@ def test_loss_parts_feature_alignment_and_compression_logs(tmp_path, pair, pixel
     assert first["compression/param_ratio"] == pytest.approx(student.compression_plan.param_ratio)
     assert first["compression/factorized_layers"] == len(student.compression_plan.layers)
     assert first["compression/gmacs_per_image"] > 0
+    recipe = student.config.compression_provenance["finetuning"]
+    assert recipe["steps"] == 3 and recipe["alpha"] == 0.5 and recipe["examples"] == len(pixels)
+    from hf_vitcompress import build_model_card
+
+    assert "fine-tuned for 3 steps, batch 8" in str(build_model_card(student))
 
 
 def test_plain_trainer_gets_compression_logs_too(tmp_path, pair, pixels):

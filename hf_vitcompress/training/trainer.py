@@ -172,6 +172,26 @@ class DistillationTrainer(Trainer):
             raise ValueError("Nothing to train on: alpha=0 without labels, or no loss terms enabled.")
         return (loss, outputs) if return_outputs else loss
 
+    def train(self, *args: Any, **kwargs: Any):
+        """``Trainer.train``, then record the recipe in the model's ``compression_provenance`` (for its card)."""
+        output = super().train(*args, **kwargs)
+        model = self.accelerator.unwrap_model(self.model)
+        provenance = getattr(getattr(model, "config", None), "compression_provenance", None)
+        if isinstance(provenance, dict):
+            args_: DistillationArguments = self.args
+            provenance["finetuning"] = {
+                "steps": self.state.global_step,
+                "examples": len(self.train_dataset) if hasattr(self.train_dataset, "__len__") else None,
+                "alpha": args_.alpha if self.teacher is not None else 0.0,
+                "kind": args_.kind,
+                "temperature": args_.temperature,
+                "learning_rate": args_.learning_rate,
+                "batch_size": args_.per_device_train_batch_size
+                * max(args_.world_size, 1)
+                * args_.gradient_accumulation_steps,
+            }
+        return output
+
     # -- logging -----------------------------------------------------------------------------------
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs and self._loss_count:  # a training log: add the loss parts since the last one
