@@ -26,6 +26,7 @@ from hf_vitcompress import (
     compress,
     evaluate_model,
 )
+from hf_vitcompress.cli import describe_data
 from hf_vitcompress.data import DEFAULT_MODEL_DIR, ExampleDataset, iterate_batches, load_fashion_mnist, to_pixel_values
 from hf_vitcompress.evaluation import format_table
 
@@ -94,10 +95,8 @@ def main() -> None:
         list(iterate_batches(test_images, test_labels, batch_size=500)),
         next(iterate_batches(test_images, batch_size=32))["pixel_values"],
         reference=dense,
-        dataset="Fashion-MNIST",
-        dataset_id="zalando-datasets/fashion_mnist",
-        dataset_split="test",
         source="examples/recover_and_publish.py",
+        **describe_data("default", "test", len(test_images)),  # names a subset as a subset
     )
     print(format_table(rows))
 

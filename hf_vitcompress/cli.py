@@ -148,15 +148,31 @@ def cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
     return summary
 
 
-def describe_data(spec: str, split: str, count: int) -> dict[str, str | None]:
-    """How a DATA spec is named on model cards: display name, Hub dataset id (when known) and split."""
-    if spec in ("default", "fashion-mnist"):
-        from .data import find_fashion_mnist
+FASHION_MNIST_SIZES = {"train": 60_000, "test": 10_000}
 
-        full = find_fashion_mnist() is not None or split == "train"
-        name = "Fashion-MNIST" if full else "Fashion-MNIST (the 2,000-image test subset shipped with hf_vitcompress)"
-        return {"dataset": name, "dataset_id": "zalando-datasets/fashion_mnist", "dataset_split": split}
+
+def describe_data(spec: str, split: str, count: int) -> dict[str, str | None]:
+    """How a DATA spec is named on model cards: display name, Hub dataset id and split.
+
+    The Hub id (which puts results into the card's ``model-index``) is given only when the whole
+    split was used: a subset's accuracy is not the split's accuracy.
+    """
+    if spec in ("default", "fashion-mnist"):
+        if count == FASHION_MNIST_SIZES.get(split):
+            return {"dataset": "Fashion-MNIST", "dataset_id": "zalando-datasets/fashion_mnist", "dataset_split": split}
+        return {
+            "dataset": f"Fashion-MNIST ({count:,} images of the {split} split)",
+            "dataset_id": None,
+            "dataset_split": split,
+        }
     return {"dataset": Path(spec).name, "dataset_id": None, "dataset_split": split}
+
+
+def has_separate_test_split(spec: str) -> bool:
+    """Whether DATA holds a test split distinct from its training data (``default``, or a DatasetDict with 'test')."""
+    if spec in ("default", "fashion-mnist"):
+        return True
+    return (Path(spec) / "dataset_dict.json").exists() and (Path(spec) / "test").is_dir()
 
 
 def save_atomically(model, output: str | Path, extra_files: tuple[Path, ...] = ()) -> Path:
@@ -189,7 +205,9 @@ def measure_against_reference(
     reference_name = "dense"
     if reference is None:
         base = args.baseline or (getattr(model.config, "compression_provenance", None) or {}).get("base_model")
-        if base and (Path(base).exists() or args.baseline):
+        from .hub import is_hub_id
+
+        if base and (Path(base).exists() or is_hub_id(base) or args.baseline):
             reference = load_model(base)
         elif compressed:
             reference, reference_name = dense_equivalent(model), "dense (merged factors)"
@@ -227,13 +245,28 @@ def cmd_finetune(args: argparse.Namespace) -> list[dict[str, Any]]:
     from . import metrics
     from .data import ExampleDataset
     from .evaluation import format_table
+    from .hub import is_hub_id
     from .training import CompressionCallback, DistillationArguments, DistillationTrainer
 
     student = load_model(args.model)
+    if not getattr(student.config, "compression_plan", None):
+        raise ValueError(f"{args.model} is not a compressed checkpoint; run `hf-vitcompress compress` first.")
+    test_data = args.test_data or args.data
+    if not has_separate_test_split(test_data) or (args.test_data is None and not has_separate_test_split(args.data)):
+        raise ValueError(
+            f"{args.data} has no separate test split, so the final measurement would reuse training images: pass "
+            "--test-data DATA (held-out images), or a datasets folder with 'train' and 'test' splits."
+        )
+    output = Path(args.output)
+    checkpoints = output.with_name(output.name + "-checkpoints")
+    if any(checkpoints.glob("checkpoint-*")) and not args.resume:
+        raise ValueError(
+            f"{checkpoints} holds checkpoints of an earlier run: pass --resume to continue it, or delete the folder."
+        )
     teacher_path = args.teacher or (getattr(student.config, "compression_provenance", None) or {}).get("base_model")
     teacher = None
-    if args.alpha > 0:
-        if not teacher_path or not (Path(teacher_path).exists() or args.teacher):
+    if args.alpha > 0 or args.feature_weight > 0:
+        if not teacher_path or not (Path(teacher_path).exists() or is_hub_id(teacher_path) or args.teacher):
             raise ValueError(
                 "No teacher: the checkpoint does not record a dense model that exists here. Pass --teacher PATH_OR_ID, "
                 "or --alpha 0 to fine-tune on labels only."
@@ -249,8 +282,6 @@ def cmd_finetune(args: argparse.Namespace) -> list[dict[str, Any]]:
     def subset(index: torch.Tensor) -> ExampleDataset:
         return ExampleDataset(pixels[index], labels[index] if labels is not None else None)
 
-    output = Path(args.output)
-    checkpoints = output.with_name(output.name + "-checkpoints")
     training_args = DistillationArguments(
         output_dir=str(checkpoints),
         alpha=args.alpha,
@@ -288,11 +319,12 @@ def cmd_finetune(args: argparse.Namespace) -> list[dict[str, Any]]:
     resume = args.resume and any(checkpoints.glob("checkpoint-*"))
     trainer.train(resume_from_checkpoint=True if resume else None)
     student.eval()
+    train_spec, args.data = args.data, test_data  # the final measurement reads the test split of test_data
     rows, _ = measure_against_reference(
         args, student, args.model, reference=teacher, source="hf-vitcompress finetune, after training"
     )
     print(format_table(rows))
-    student.config.compression_provenance["finetuning"]["data"] = describe_data(args.data, "train", len(train))[
+    student.config.compression_provenance["finetuning"]["data"] = describe_data(train_spec, "train", len(train))[
         "dataset"
     ]
     save_atomically(student, output, (Path(args.model) / "preprocessor_config.json",))
@@ -438,6 +470,9 @@ def build_parser() -> argparse.ArgumentParser:
     finetune_parser.add_argument("--report-to", dest="report_to", nargs="*", default=[], help="Trainer loggers")
     finetune_parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     finetune_parser.add_argument("--seed", type=int, default=0)
+    finetune_parser.add_argument(
+        "--test-data", dest="test_data", default=None, help="DATA measured at the end (test split)"
+    )
     finetune_parser.add_argument("--limit", type=int, default=None, help="measure on at most this many test images")
     finetune_parser.add_argument("--baseline", default=None, help=argparse.SUPPRESS)
 

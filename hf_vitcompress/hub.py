@@ -81,7 +81,16 @@ def render_template(template: str, **variables: Any) -> str:
         raise ModelCardTemplateError(f"The model card template is invalid (line {error.lineno}): {error}") from error
 
 
-def _is_hub_id(name: str | None) -> bool:
+def template_variable_names(template: str) -> set[str]:
+    """Names a Jinja template reads (so that a misspelt option is an error, not a silently unused variable)."""
+    import jinja2
+    import jinja2.meta
+
+    return jinja2.meta.find_undeclared_variables(jinja2.Environment().parse(template))
+
+
+def is_hub_id(name: str | None) -> bool:
+    """Whether ``name`` looks like ``namespace/name`` on the Hub and is not a local path."""
     if not name or Path(name).exists() or name.count("/") != 1:
         return False
     try:
@@ -94,7 +103,7 @@ def _is_hub_id(name: str | None) -> bool:
 def _describe_base(provenance: dict[str, Any], model: nn.Module) -> str:
     base = provenance.get("base_model")
     cls = provenance.get("base_model_class") or type(model).__name__.removeprefix("Compressed")
-    if _is_hub_id(base):
+    if is_hub_id(base):
         return f"[`{base}`](https://huggingface.co/{base}) (`{cls}`)"
     if base and Path(base).resolve() == DEFAULT_MODEL_DIR:
         return "hf_vitcompress's embedded default model (a small ViT trained on Fashion-MNIST)"
@@ -218,7 +227,7 @@ def build_model_card(
     card_data = ModelCardData(
         library_name="transformers",
         pipeline_tag="image-classification",
-        base_model=base if _is_hub_id(base) else None,
+        base_model=base if is_hub_id(base) else None,
         license=license,
         tags=card_tags,
         datasets=[report.dataset_id] if report is not None and report.dataset_id else None,
@@ -254,8 +263,14 @@ def build_model_card(
         load_id=repo_id or "<path or repo id>",
         model_type=config.model_type,
     )
-    variables.update(template_variables)
     template = Path(template_path or TEMPLATE_PATH).read_text(encoding="utf-8")
+    unused = sorted(set(template_variables) - template_variable_names(template))
+    if unused:
+        raise TypeError(
+            f"build_model_card got unexpected argument(s) {unused}: they are neither options nor variables of the "
+            "card template (a typo?)."
+        )
+    variables.update(template_variables)
     return ModelCard(render_template(template, **variables))
 
 
@@ -270,6 +285,10 @@ def describe_finetuning(recipe: dict[str, Any]) -> str:
             loss += f" (temperature {recipe.get('temperature', 1.0):g})"
     else:
         loss = "cross-entropy on the labels (no teacher)"
+    if recipe.get("feature_weight"):
+        loss += f" + feature alignment of hidden states {recipe['feature_layers']} (weight {recipe['feature_weight']:g}, decaying to 0)"
+    if recipe.get("controllers"):
+        loss += f"; training-time controllers: {', '.join(recipe['controllers'])}"
     batch = f", batch {recipe['batch_size']}" if recipe.get("batch_size") else ""
     rate = f", learning rate {recipe['learning_rate']:g}" if recipe.get("learning_rate") else ""
     return f"After compression the model was fine-tuned for {recipe['steps']:,} steps{batch}{rate} on a training set{images}{data}; loss: {loss}."
@@ -331,18 +350,26 @@ def push_model_to_hub(
     api = HfApi(token=token, endpoint=endpoint)
     with tempfile.TemporaryDirectory(prefix="vitcompress-push-") as folder:
         model.save_pretrained(folder, max_shard_size=max_shard_size)
-        for extra in extra_files:
-            shutil.copy(extra, Path(folder) / Path(extra).name)
+        for extra in map(Path, extra_files):
+            target = Path(folder) / extra.name
+            if target.exists() or extra.name == "README.md":
+                raise ValueError(
+                    f"extra file {extra.name!r} would replace the checkpoint's own {extra.name}; rename it."
+                )
+            shutil.copy(extra, target)
         card = model_card if model_card is not None else build_model_card(model, repo_id=repo_id, **card_options)
-        card.save(Path(folder) / "README.md")
         operations = [
             CommitOperationAdd(path_in_repo=path.relative_to(folder).as_posix(), path_or_fileobj=str(path))
             for path in sorted(Path(folder).rglob("*"))
             if path.is_file()
         ]
-        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+        created = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+        if created != repo_id and model_card is None:  # 'name' became 'user/name': the loading snippet says so
+            card = build_model_card(model, repo_id=created, **card_options)
+        card.save(Path(folder) / "README.md")
+        operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=str(Path(folder) / "README.md")))
         return api.create_commit(
-            repo_id=repo_id,
+            repo_id=created,
             operations=operations,
             commit_message=commit_message or "Upload model compressed with hf_vitcompress",
             commit_description=commit_description,
@@ -357,6 +384,7 @@ __all__ = [
     "TEMPLATE_PATH",
     "build_model_card",
     "check_repo_id",
+    "is_hub_id",
     "push_model_to_hub",
     "render_template",
     "resolve_token",

@@ -172,7 +172,7 @@ def test_finetune_card_and_push_from_the_shell(tmp_path, capsys, monkeypatch):
         return main(
             ["finetune", *common, "--model", str(compressed), "--output", str(tuned), "--max-steps", str(max_steps)]
             + ["--train-limit", "256", "--validation-size", "32", "--save-steps", "2", "--batch-size", "32"]
-            + ["--limit", "200", "--repeats", "2", "--kind", "hard", *extra]
+            + ["--limit", "200", "--repeats", "2", "--kind", "hard", "--logging-steps", "1", *extra]
         )
 
     assert finetune(4) == 0
@@ -187,7 +187,12 @@ def test_finetune_card_and_push_from_the_shell(tmp_path, capsys, monkeypatch):
         == AutoModelForImageClassification.from_pretrained(compressed).config.compression_plan
     )
     # Resuming picks up the last checkpoint and trains on to the new max-steps.
+    first_run = json.loads((tmp_path / "ft-checkpoints" / "checkpoint-4" / "trainer_state.json").read_text())
+    assert finetune(6) == 2 and "--resume" in capsys.readouterr().err  # old checkpoints are not silently mixed in
     assert finetune(6, "--resume") == 0
+    resumed = json.loads((tmp_path / "ft-checkpoints" / "checkpoint-6" / "trainer_state.json").read_text())
+    # The first run's history (its 4-step learning-rate schedule) is carried on: it resumed, not restarted.
+    assert resumed["log_history"][:2] == first_run["log_history"][:2]
     assert (
         AutoModelForImageClassification.from_pretrained(tuned).config.compression_provenance["finetuning"]["steps"] == 6
     )

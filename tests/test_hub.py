@@ -210,3 +210,35 @@ def test_card_error_creates_no_repo(measured, monkeypatch, tmp_path):
     with pytest.raises(ModelCardTemplateError):
         small.push_to_hub("someone/tiny", token="hf_fake", template_path=template)
     assert hub.repos == []
+
+
+def test_push_options_are_checked(measured, monkeypatch, tmp_path):
+    small, *_ = measured
+    hub = FakeHub(monkeypatch)
+    with pytest.raises(TypeError, match="unexpected argument.*privte"):
+        small.push_to_hub("someone/tiny", token="hf_fake", privte=True)
+    clash = tmp_path / "config.json"
+    clash.write_text("{}")
+    with pytest.raises(ValueError, match="would replace"):
+        small.push_to_hub("someone/tiny", token="hf_fake", extra_files=[clash])
+    assert hub.repos == []
+    # A bare name becomes user/name on the Hub; the card's loading snippet uses the full id.
+    monkeypatch.setattr(
+        HfApi, "create_repo", lambda api, repo_id, **kw: RepoUrl(f"https://huggingface.co/me/{repo_id}")
+    )
+    small.push_to_hub("tiny", token="hf_fake")
+    assert hub.commits[-1]["repo_id"] == "me/tiny"
+    assert 'from_pretrained("me/tiny")' in hub.commits[-1]["files"]["README.md"].decode()
+
+
+def test_subset_results_stay_out_of_the_model_index(pixels):
+    from hf_vitcompress.cli import describe_data
+
+    assert describe_data("default", "test", 10_000)["dataset_id"] == "zalando-datasets/fashion_mnist"
+    subset = describe_data("default", "test", 2_000)
+    assert subset["dataset_id"] is None and "2,000 images" in subset["dataset"]
+    small = compress(tiny_vit(), CompressionConfig(target_param_ratio=0.5, compensation_rank=0), pixels, progress=False)
+    labels = torch.arange(len(pixels)) % 5
+    evaluate_model(small, [{"pixel_values": pixels, "labels": labels}], pixels[:4], repeats=1, **subset)
+    card = build_model_card(small)
+    assert "model-index" not in card_metadata(card) and "2,000 images of the test split" in str(card)

@@ -129,8 +129,12 @@ def test_bad_teachers(tmp_path, pair):
         DistillationTrainer(model=student, teacher=tiny_vit().to("meta"), args=make_args(tmp_path))
     with pytest.raises(ValueError, match="teacher is the student"):
         DistillationTrainer(model=student, teacher=student, args=make_args(tmp_path))
-    with pytest.raises(ValueError, match="needs a teacher"):
+    with pytest.raises(ValueError, match="need a teacher"):
         DistillationTrainer(model=student, args=make_args(tmp_path))
+    with pytest.raises(ValueError, match="need a teacher"):  # feature alignment needs one too
+        DistillationTrainer(model=student, args=make_args(tmp_path, alpha=0.0, feature_weight=1.0, feature_layers=[-1]))
+    with pytest.raises(ValueError, match="label_smoothing_factor"):
+        DistillationTrainer(model=student, teacher=teacher, args=make_args(tmp_path, label_smoothing_factor=0.1))
     with pytest.raises(TypeError, match="needs DistillationArguments"):
         DistillationTrainer(model=student, teacher=teacher, args=TrainingArguments(str(tmp_path), report_to=[]))
 
@@ -375,3 +379,102 @@ def test_interrupted_finetune_resumes_with_plan_intact(tmp_path, pixels):
 
     with pytest.raises(PlanMismatchError, match="wrong shape"):
         run(tmp_path / "full", resume=str(tmp_path / "full" / "checkpoint-2"))
+
+
+def test_gradient_accumulation_matches_a_larger_batch(tmp_path, pixels):
+    def one_step(batch_size, accumulation):
+        teacher = tiny_vit()
+        student = compress(teacher, STUDENT_CONFIG, pixels, progress=False)
+        args = make_args(
+            tmp_path,
+            max_steps=1,
+            per_device_train_batch_size=batch_size,
+            gradient_accumulation_steps=accumulation,
+            optim="sgd",  # Adam's first step hides the gradient's scale
+            learning_rate=0.5,
+        )
+        DistillationTrainer(model=student, teacher=teacher, args=args, train_dataset=make_dataset(pixels)).train()
+        return student.state_dict()
+
+    whole, accumulated = one_step(16, 1), one_step(8, 2)
+    moved = any(
+        not torch.equal(a, b)
+        for a, b in zip(
+            whole.values(), compress(tiny_vit(), STUDENT_CONFIG, pixels, progress=False).state_dict().values()
+        )
+    )
+    assert moved
+    for name, value in whole.items():
+        torch.testing.assert_close(accumulated[name], value, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_several_eval_sets_batch_metrics_and_attribution(tmp_path, pair, pixels):
+    student, teacher = pair
+    teacher.double()  # the teacher keeps its own dtype: nothing casts the user's model back and forth
+    sets = {"a": make_dataset(pixels[:24]), "b": make_dataset(pixels[24:])}
+    callback = CompressionCallback(eval_dataset_name="configured", eval_dataset_id="org/data")
+    trainer = DistillationTrainer(
+        model=student,
+        teacher=teacher,
+        args=make_args(tmp_path, max_steps=1),
+        train_dataset=make_dataset(pixels),
+        eval_dataset=sets,
+        compute_metrics=metrics.top1,
+        callbacks=[callback],
+    )
+    trainer.train()
+    result = trainer.evaluate()
+    assert {"eval_a_top1", "eval_b_top1", "eval_a_teacher_top1", "eval_b_teacher_top1"} <= set(result)
+    assert not any(key.startswith("compression/") for key in result)  # counts stay out of evaluation results
+    assert all(p.dtype == torch.float64 for p in teacher.parameters())
+    assert student.evaluation_report.dataset == "b" and student.evaluation_report.dataset_id is None
+    # An explicitly passed set is not credited to the configured data set either.
+    trainer.eval_dataset = sets["a"]
+    trainer.evaluate(make_dataset(pixels[:16]))
+    assert student.evaluation_report.dataset is None and student.evaluation_report.num_images == 16
+    trainer.evaluate()
+    assert student.evaluation_report.dataset == "configured" and student.evaluation_report.dataset_id == "org/data"
+
+    def batched_top1(prediction, compute_result=False):  # the Trainer's batch_eval_metrics protocol
+        batched_top1.seen += len(prediction.label_ids)
+        return metrics.top1(prediction) if compute_result else {}
+
+    batched_top1.seen = 0
+    trainer.compute_metrics = batched_top1
+    trainer.args.batch_eval_metrics = True
+    trainer._teacher_metrics.clear()
+    result = trainer.evaluate()
+    assert "eval_top1" in result and "eval_teacher_top1" in result
+
+
+def test_load_best_model_at_end_restores_the_best_weights_and_their_report(tmp_path, pair, pixels):
+    student, teacher = pair
+    args = make_args(
+        tmp_path,
+        max_steps=4,
+        eval_strategy="steps",
+        eval_steps=1,
+        save_strategy="steps",
+        save_steps=1,
+        load_best_model_at_end=True,
+        metric_for_best_model="loss",
+        greater_is_better=False,
+        learning_rate=5e-2,
+    )
+    trainer = DistillationTrainer(
+        model=student,
+        teacher=teacher,
+        args=args,
+        train_dataset=make_dataset(pixels),
+        eval_dataset=make_dataset(pixels),
+        compute_metrics=metrics.top1,
+        callbacks=[CompressionCallback()],
+    )
+    trainer.train()
+    best = trainer.state.best_model_checkpoint
+    saved = safetensors.torch.load_file(f"{best}/model.safetensors")
+    reference = type(student).from_pretrained(best)
+    for name, value in reference.state_dict().items():
+        torch.testing.assert_close(student.state_dict()[name], value, msg=name)
+    assert len(saved) == len(student.state_dict())
+    assert student.evaluation_report is not None and student.evaluation_report.matches(student)

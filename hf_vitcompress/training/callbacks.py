@@ -220,7 +220,8 @@ class CompressionCallback(TrainerCallback):
     def on_log(self, args, state, control, logs=None, model=None, **kwargs):
         # DistillationTrainer merges these before logging (so log_history has them too); a plain
         # Trainer gets them here, for the loggers that run after this callback.
-        if logs is not None and model is not None and "compression/parameters" not in logs:
+        training_log = logs is not None and "loss" in logs  # evaluation results stay metrics only
+        if training_log and model is not None and "compression/parameters" not in logs:
             logs.update(self.metrics(model, state))
 
     def on_evaluate(self, args, state, control, metrics=None, model=None, eval_dataloader=None, **kwargs):
@@ -232,6 +233,8 @@ class CompressionCallback(TrainerCallback):
         )
         if prefix is None:
             return
+        named = self.evaluating_default_set and prefix == "eval"
+        attribution = self.eval_dataset if named else {"dataset": None if prefix == "eval" else prefix[len("eval_") :]}
         measured = {k: float(metrics[f"{prefix}_{k}"]) for k in ("top1", "top5") if f"{prefix}_{k}" in metrics}
         reference = {
             k: float(metrics[f"{prefix}_teacher_{k}"]) for k in ("top1", "top5") if f"{prefix}_teacher_{k}" in metrics
@@ -245,7 +248,7 @@ class CompressionCallback(TrainerCallback):
             reference_name="teacher" if reference else None,
             num_images=len(dataset) if dataset is not None and hasattr(dataset, "__len__") else None,
             source=f"Trainer.evaluate at step {state.global_step}",
-            **self.eval_dataset,
+            **attribution,
         )
 
 

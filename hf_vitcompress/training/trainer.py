@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 from transformers import EvalPrediction, PreTrainedModel, Trainer
+from transformers.trainer_pt_utils import nested_gather
 
 from .arguments import DistillationArguments
 from .callbacks import CompressionCallback
@@ -78,8 +79,20 @@ class DistillationTrainer(Trainer):
                 f"DistillationTrainer needs DistillationArguments (got {type(args).__name__}); they extend "
                 "TrainingArguments with alpha, temperature, kind and feature alignment options."
             )
-        if teacher is None and args.alpha > 0:
-            raise ValueError(f"alpha={args.alpha} needs a teacher; pass teacher=<dense model> or set alpha=0.")
+        if teacher is None and (args.alpha > 0 or args.feature_weight > 0):
+            raise ValueError(
+                f"alpha={args.alpha}, feature_weight={args.feature_weight} need a teacher; pass teacher=<dense model> "
+                "or set alpha=0 and feature_weight=0."
+            )
+        if args.label_smoothing_factor:
+            raise ValueError("DistillationTrainer computes its own loss; label_smoothing_factor is not supported.")
+        if kwargs.get("compute_loss_func") is not None:
+            raise ValueError("DistillationTrainer computes its own loss; do not pass compute_loss_func.")
+        problem_type = getattr(getattr(model, "config", None), "problem_type", None)
+        if problem_type not in (None, "single_label_classification"):
+            raise ValueError(
+                f"DistillationTrainer supports single-label classification; the model's problem_type is {problem_type!r}."
+            )
         if teacher is not None:
             check_teacher(model, teacher)
             teacher.eval()
@@ -95,11 +108,20 @@ class DistillationTrainer(Trainer):
         # Our loss is a per-batch mean: let the Trainer divide it by the gradient-accumulation steps.
         self.loss_is_scaled_for_ga = False
         self.model_accepts_loss_kwargs = False
+        sharded = (
+            self.is_fsdp_enabled
+            or getattr(getattr(self.accelerator.state, "deepspeed_plugin", None), "zero_stage", 0) == 3
+        )
+        if sharded and (self.teacher is not None or self.compression_callbacks):
+            raise NotImplementedError(
+                "DistillationTrainer and CompressionCallback need whole (unsharded) models on every process; FSDP and "
+                "DeepSpeed ZeRO-3 are not supported yet. Use DDP (plain multi-GPU) or ZeRO-1/2."
+            )
         for callback in self.compression_callbacks:
             callback.supports_auxiliary_loss = True
         self._loss_sums: dict[str, torch.Tensor] = {}
         self._loss_count = 0
-        self._teacher_metrics: dict[int, dict[str, float]] = {}
+        self._teacher_metrics: list[tuple[Any, dict[str, float]]] = []  # (dataset, metrics): identity, not id()
 
     @property
     def compression_callbacks(self) -> list[CompressionCallback]:
@@ -107,9 +129,10 @@ class DistillationTrainer(Trainer):
 
     # -- loss --------------------------------------------------------------------------------------
     def _teacher_on(self, reference: torch.Tensor) -> nn.Module:
-        parameter = next(self.teacher.parameters())
-        if parameter.device != reference.device or parameter.dtype != reference.dtype:
-            self.teacher.to(device=reference.device, dtype=reference.dtype)
+        """The teacher on the student's device. Its dtype is left alone: casting a user's model back and forth
+        (e.g. for bf16 evaluation) would round its weights; the losses compare logits in float32."""
+        if next(self.teacher.parameters()).device != reference.device:
+            self.teacher.to(device=reference.device)
         return self.teacher
 
     def _add_to_log(self, **values: torch.Tensor | float) -> None:
@@ -194,39 +217,52 @@ class DistillationTrainer(Trainer):
 
     # -- logging -----------------------------------------------------------------------------------
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if "loss" in logs and self._loss_count:  # a training log: add the loss parts since the last one
-            for key, total in self._loss_sums.items():
-                logs[f"distill/{key}"] = round(float(total) / self._loss_count, 6)
-            self._loss_sums, self._loss_count = {}, 0
-        model = self.accelerator.unwrap_model(self.model)
-        for callback in self.compression_callbacks:
-            logs.update(callback.metrics(model, self.state))
+        if "loss" in logs:  # a training log (not evaluation results, which hyper-parameter search sums up)
+            if self._loss_count:  # the loss parts since the last log, averaged over steps and processes
+                for key, total in sorted(self._loss_sums.items()):
+                    value = nested_gather(total.reshape(1).to(self.args.device), self.args.parallel_mode).mean()
+                    logs[f"distill/{key}"] = round(float(value) / self._loss_count, 6)
+                self._loss_sums, self._loss_count = {}, 0
+            model = self.accelerator.unwrap_model(self.model)
+            for callback in self.compression_callbacks:
+                logs.update(callback.metrics(model, self.state))
         super().log(logs, start_time)
 
     # -- evaluation ----------------------------------------------------------------------------------
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
         """``Trainer.evaluate`` plus, once per evaluation set, the teacher's metrics (``eval_teacher_*``)."""
-        teacher_metrics = {}
-        if self.args.evaluate_teacher and self.teacher is not None and self.compute_metrics is not None:
-            dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
-            key = id(dataset)
-            if key not in self._teacher_metrics:
-                self._teacher_metrics[key] = self._evaluate_teacher(eval_dataset)
-            teacher_metrics = {f"{metric_key_prefix}_teacher_{k}": v for k, v in self._teacher_metrics[key].items()}
-        # The callback's on_evaluate (inside super().evaluate) reads the teacher's numbers from `metrics`;
-        # Trainer passes its own dict, so hand them over through compute_metrics' output.
-        if teacher_metrics:
-            compute_metrics = self.compute_metrics
-            prefix_length = len(metric_key_prefix) + 1
-            self.compute_metrics = lambda p: {
-                **compute_metrics(p),
-                **{k[prefix_length:]: v for k, v in teacher_metrics.items()},
-            }
-            try:
-                return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
-            finally:
-                self.compute_metrics = compute_metrics
-        return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        dataset = self.eval_dataset if eval_dataset is None else eval_dataset
+        if isinstance(dataset, str):  # Trainer's per-name call for a dict of evaluation sets
+            dataset = self.eval_dataset[dataset]
+        for callback in self.compression_callbacks:  # only the configured set may carry the configured name
+            callback.evaluating_default_set = eval_dataset is None and metric_key_prefix == "eval"
+        if (
+            isinstance(dataset, dict)  # Trainer calls back here once per named set
+            or not self.args.evaluate_teacher
+            or self.teacher is None
+            or self.compute_metrics is None
+        ):
+            return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        teacher_metrics = next((m for d, m in self._teacher_metrics if d is dataset), None)
+        if teacher_metrics is None:
+            teacher_metrics = self._evaluate_teacher(dataset)
+            self._teacher_metrics.append((dataset, teacher_metrics))
+        teacher_metrics = {f"teacher_{k}": v for k, v in teacher_metrics.items()}
+        # The metrics dict that on_evaluate and the loggers see is built from compute_metrics' output:
+        # hand the teacher's numbers over through it (Trainer adds the key prefix).
+        compute_metrics = self.compute_metrics
+
+        def with_teacher(prediction, **kwargs):
+            result = compute_metrics(prediction, **kwargs)
+            if kwargs.get("compute_result", True):
+                result = {**result, **teacher_metrics}
+            return result
+
+        self.compute_metrics = with_teacher
+        try:
+            return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        finally:
+            self.compute_metrics = compute_metrics
 
     @torch.no_grad()
     def _evaluate_teacher(self, eval_dataset) -> dict[str, float]:
@@ -244,7 +280,24 @@ class DistillationTrainer(Trainer):
         if not logits:
             return {}
         prediction = EvalPrediction(predictions=torch.cat(logits).numpy(), label_ids=torch.cat(labels).numpy())
-        return {k: float(v) for k, v in self.compute_metrics(prediction).items() if np.isscalar(v)}
+        kwargs = {"compute_result": True} if self.args.batch_eval_metrics else {}
+        return {k: float(v) for k, v in self.compute_metrics(prediction, **kwargs).items() if np.isscalar(v)}
+
+    def create_model_card(self, *args: Any, **kwargs: Any) -> None:
+        """For a compressed model, the hf_vitcompress card (measured numbers only) instead of the Trainer's draft,
+        which is built from the log history without checking which weights were measured."""
+        model = self.accelerator.unwrap_model(self.model)
+        if not getattr(getattr(model, "config", None), "compression_plan", None):
+            return super().create_model_card(*args, **kwargs)
+        if not self.is_world_process_zero():
+            return None
+        from ..hub import build_model_card
+
+        card = build_model_card(
+            model, repo_id=self.hub_model_id if self.args.push_to_hub else None, license=kwargs.get("license")
+        )
+        card.save(os.path.join(self.args.output_dir, "README.md"))
+        return None
 
     # -- checkpoints ---------------------------------------------------------------------------------
     def _reload_weights(self, folder: str, model: nn.Module | None = None) -> None:
@@ -258,6 +311,8 @@ class DistillationTrainer(Trainer):
         target = self.accelerator.unwrap_model(model)
         loaded = type(target).from_pretrained(folder, dtype=next(target.parameters()).dtype)
         target.load_state_dict(loaded.state_dict(), strict=True)
+        if hasattr(target, "evaluation_report"):  # the checkpoint's own measurement, if any, matches it again
+            target.evaluation_report = getattr(loaded, "evaluation_report", None)
 
     def _can_reload(self, folder: str, model: nn.Module | None) -> bool:
         target = self.accelerator.unwrap_model(model if model is not None else self.model)
