@@ -31,7 +31,7 @@ from transformers import PrinterCallback
 from transformers.utils import logging as hf_logging
 
 from hf_vitcompress import CompressionConfig, DistillationArguments, DistillationTrainer, compress, metrics
-from hf_vitcompress.cli import load_model
+from hf_vitcompress.cli import load_examples, load_model
 from hf_vitcompress.data import DEFAULT_MODEL_DIR, ExampleDataset, iterate_batches, load_fashion_mnist, to_pixel_values
 from hf_vitcompress.evaluation import topk_accuracies
 
@@ -41,17 +41,6 @@ RECIPES = {
     "hard KD": dict(alpha=0.5, kind="hard"),
     "labels only": dict(alpha=0.0),
 }
-
-
-def train_data(limit: int | None) -> tuple[ExampleDataset, str]:
-    try:
-        images, labels = load_fashion_mnist("train")
-        name = "full Fashion-MNIST training set"
-    except FileNotFoundError:
-        images, labels = load_fashion_mnist("calibration")
-        name = "the 1,024 shipped training images (full set not installed)"
-    images, labels = images[:limit], labels[:limit]
-    return ExampleDataset(to_pixel_values(images), torch.from_numpy(labels)), f"{name}, {len(images):,} images"
 
 
 def finetune(student, teacher, recipe: dict, train: ExampleDataset, test: ExampleDataset, args) -> dict:
@@ -127,7 +116,9 @@ def run(args, ratios) -> dict:
     test_images, test_labels = test_images[: args.test_limit], test_labels[: args.test_limit]
     test = ExampleDataset(to_pixel_values(test_images), torch.from_numpy(test_labels))
     test_batches = list(iterate_batches(test_images, test_labels, batch_size=500))
-    train, train_name = train_data(None)
+    pixels, labels = load_examples("default", str(DEFAULT_MODEL_DIR), "train", None)
+    train = ExampleDataset(pixels, labels)
+    train_name = f"Fashion-MNIST training set, {len(train):,} images"
     calibration, _ = load_fashion_mnist("calibration")
     calibration_batches = list(iterate_batches(calibration, batch_size=64))
     dense_top1 = topk_accuracies(dense, test_batches, ks=(1,))["top1"]

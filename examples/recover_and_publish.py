@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import torch
 from transformers import AutoModelForImageClassification
 
 import hf_vitcompress
@@ -26,17 +25,14 @@ from hf_vitcompress import (
     compress,
     evaluate_model,
 )
-from hf_vitcompress.cli import describe_data
-from hf_vitcompress.data import DEFAULT_MODEL_DIR, ExampleDataset, iterate_batches, load_fashion_mnist, to_pixel_values
+from hf_vitcompress.cli import describe_data, load_examples
+from hf_vitcompress.data import (
+    DEFAULT_MODEL_DIR,
+    ExampleDataset,
+    iterate_batches,
+    load_fashion_mnist,
+)
 from hf_vitcompress.evaluation import format_table
-
-
-def fashion_mnist_train(limit: int) -> ExampleDataset:
-    try:
-        images, labels = load_fashion_mnist("train")
-    except FileNotFoundError:  # only the shipped subset is installed
-        images, labels = load_fashion_mnist("calibration")
-    return ExampleDataset(to_pixel_values(images[:limit]), torch.from_numpy(labels[:limit]))
 
 
 def main() -> None:
@@ -60,9 +56,8 @@ def main() -> None:
     )
 
     # 2. recover: distillation from the dense model, the student's size and cost logged as it trains
-    train = fashion_mnist_train(limit=20_000)
-    validation = ExampleDataset(train.pixel_values[-1000:], train.labels[-1000:])
-    train = ExampleDataset(train.pixel_values[:-1000], train.labels[:-1000])
+    pixels, labels = load_examples("default", str(DEFAULT_MODEL_DIR), "train", limit=20_000)
+    train, validation = ExampleDataset(pixels[:-1000], labels[:-1000]), ExampleDataset(pixels[-1000:], labels[-1000:])
     trainer = DistillationTrainer(
         model=small,
         teacher=dense,

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from .configuration import CompressionConfig
-from .data import DEFAULT_MODEL_DIR
+from .data import DEFAULT_MODEL_DIR, SHIPPED_CALIBRATION_DESCRIPTION
 
 
 # -- data -------------------------------------------------------------------------------------------
@@ -131,10 +131,11 @@ def cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
     model = load_model(model_path)
     calibration = load_batches(args.calibration, model_path, "calibration", config.calibration_samples)
     compressed = compress(model, config, calibration_data=calibration, progress=not args.quiet)
-    source = describe_data(args.calibration, "calibration", 0)["dataset"]
-    if args.calibration in ("default", "fashion-mnist"):
-        source = "Fashion-MNIST training images shipped with hf_vitcompress"
-    compressed.config.compression_provenance["calibration_data"] = source
+    compressed.config.compression_provenance["calibration_data"] = (
+        SHIPPED_CALIBRATION_DESCRIPTION
+        if args.calibration in ("default", "fashion-mnist")
+        else Path(args.calibration).name
+    )
     output = save_atomically(compressed, args.output, (Path(model_path) / "preprocessor_config.json",))
     plan = compressed.compression_plan
     summary = {
@@ -382,9 +383,7 @@ def cmd_demo(args: argparse.Namespace) -> list[dict[str, Any]]:
         calibration_data=list(iterate_batches(calibration_images, batch_size=64)),
         progress=not args.quiet,
     )
-    compressed.config.compression_provenance["calibration_data"] = (
-        "Fashion-MNIST training images shipped with hf_vitcompress"
-    )
+    compressed.config.compression_provenance["calibration_data"] = SHIPPED_CALIBRATION_DESCRIPTION
     rows, _ = evaluate_model(
         compressed,
         list(iterate_batches(test_images, test_labels, batch_size=500)),

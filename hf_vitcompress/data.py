@@ -36,6 +36,7 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 DEFAULT_DIR = PACKAGE_DIR / "default"
 SUBSET_PATH = DEFAULT_DIR / "fashion_mnist_subset.npz"
 DEFAULT_MODEL_DIR = DEFAULT_DIR / "model"
+SHIPPED_CALIBRATION_DESCRIPTION = "Fashion-MNIST training images shipped with hf_vitcompress"
 
 _FULL_CANDIDATES = (
     "/usr/share/datasets/fashion-mnist",  # Debian: apt-get install dataset-fashion-mnist
