@@ -16,7 +16,7 @@ class NonFiniteActivationError(ValueError):
 
 @dataclass
 class LayerStatistics:
-    """Sums over every calibration token ``x`` (a row of the layer input) of ``xᵀx`` and ``|x|``, in float64.
+    """Sums over every calibration token ``x`` (a row of the layer input) of ``xᵀx``, ``|x|`` and ``x``, in float64.
 
     Memory is ``d_in²`` per layer whatever the calibration-set size; sums (not means) so that shards
     from several processes add up exactly.
@@ -25,12 +25,14 @@ class LayerStatistics:
     gram: torch.Tensor
     abs_sum: torch.Tensor
     tokens: int = 0
+    linear_sum: torch.Tensor | None = None  # Σx: the mean input, for biases folded into factor pairs
 
     @classmethod
     def empty(cls, in_features: int, device: torch.device | None = None) -> LayerStatistics:
         return cls(
             gram=torch.zeros(in_features, in_features, dtype=torch.float64, device=device),
             abs_sum=torch.zeros(in_features, dtype=torch.float64, device=device),
+            linear_sum=torch.zeros(in_features, dtype=torch.float64, device=device),
         )
 
     def update(self, inputs: torch.Tensor) -> None:
@@ -39,11 +41,20 @@ class LayerStatistics:
             raise NonFiniteActivationError("Non-finite values reached a layer input during calibration.")
         self.gram.addmm_(rows.T, rows)
         self.abs_sum.add_(rows.abs().sum(0))
+        if self.linear_sum is None:
+            self.linear_sum = torch.zeros_like(self.abs_sum)
+        self.linear_sum.add_(rows.sum(0))
         self.tokens += rows.shape[0]
 
     def mean_gram(self) -> torch.Tensor:
         """``E[xᵀx]`` per token."""
         return self.gram / max(self.tokens, 1)
+
+    def mean_augmented_gram(self) -> torch.Tensor:
+        """``E[x̃ᵀx̃]`` for ``x̃ = [x, 1]``: the metric of a map whose bias is its last input row."""
+        mean = self.linear_sum / max(self.tokens, 1)
+        top = torch.cat([self.mean_gram(), mean[:, None]], dim=1)
+        return torch.cat([top, torch.cat([mean, mean.new_ones(1)])[None]], dim=0)
 
 
 @contextmanager

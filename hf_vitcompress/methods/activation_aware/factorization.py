@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from ...calibration.gram import LayerStatistics
+from ...calibration.whitening import gram_root
 
 
 @dataclass
@@ -34,27 +35,6 @@ class WhitenedSVD:
     def factors(self, rank: int, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """``(up [out, rank], down [rank, in])`` for components ``start .. start + rank``."""
         return self.left[:, start : start + rank], self.right[start : start + rank]
-
-
-def robust_cholesky(gram: torch.Tensor, damping: float) -> tuple[torch.Tensor | None, str]:
-    """Lower Cholesky factor of ``gram + shift·I``, raising the shift until it is well conditioned.
-
-    Returns ``(None, "eigh")`` when even a large shift fails, so the caller falls back to an
-    eigendecomposition. Never raises on rank-deficient input.
-    """
-    scale = float(gram.diagonal().mean())
-    if not scale > 0:
-        return None, "eigh"
-    identity = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
-    shift = damping * scale
-    for attempt in range(5):
-        factor, info = torch.linalg.cholesky_ex(gram + shift * identity)
-        if int(info) == 0:
-            pivots = factor.diagonal()
-            if float(pivots.min()) ** 2 > 1e-12 * float(pivots.max()) ** 2:
-                return factor, "cholesky" if attempt == 0 else "cholesky+shift"
-        shift = max(shift * 100.0, 1e-10 * scale)
-    return None, "eigh"
 
 
 def whitened_svd(
@@ -90,20 +70,8 @@ def whitened_svd(
     gram = statistics.mean_gram().to(w.device)
     if gram_shrinkage > 0:
         gram = (1.0 - gram_shrinkage) * gram + gram_shrinkage * torch.diag(gram.diagonal())
-    factor, solver = robust_cholesky(gram, damping)
-    if factor is not None:
-        u, sigma, vh = torch.linalg.svd(w @ factor, full_matrices=False)
-        root = sigma.sqrt()
-        right = torch.linalg.solve_triangular(factor, root[:, None] * vh, upper=False, left=False)
-        return WhitenedSVD(u * root, right, sigma.square(), solver)
-
-    # Eigendecomposition fallback: S = Q Λ^½, S⁺ = Λ^-½ Qᵀ on the directions the data spans.
-    eigenvalues, eigenvectors = torch.linalg.eigh(gram)
-    eigenvalues = eigenvalues.clamp_min(0)
-    keep = eigenvalues > 1e-12 * float(eigenvalues.max()) if float(eigenvalues.max()) > 0 else eigenvalues > 0
-    root_eig = eigenvalues.sqrt()
-    inverse_root = torch.where(keep, 1.0 / root_eig.clamp_min(1e-300), torch.zeros_like(root_eig))
-    u, sigma, vh = torch.linalg.svd(w @ (eigenvectors * root_eig), full_matrices=False)
-    root = sigma.sqrt()
-    right = (root[:, None] * vh * inverse_root) @ eigenvectors.T
-    return WhitenedSVD(u * root, right, sigma.square(), "eigh")
+    root = gram_root(gram, damping)
+    u, sigma, vh = torch.linalg.svd(w @ root.matrix, full_matrices=False)
+    scale = sigma.sqrt()
+    right = root.solve_transpose((scale[:, None] * vh).T).T  # Σ^½ Vᵀ S⁻¹
+    return WhitenedSVD(u * scale, right, sigma.square(), root.solver)
