@@ -1,0 +1,132 @@
+"""``HeadFactorizedAttention``: multi-head attention whose per-head products are low rank (COMCAT).
+
+Head ``h``'s attention scores depend on ``W_Q`` and ``W_K`` only through ``W_Q^hᵀ W_K^h`` and its output
+on ``W_V`` and ``W_O`` only through ``W_V^hᵀ W_O^hᵀ`` (both ``d × d``, rank ≤ ``d_h``). This module stores
+rank-``r`` factors of those products, per head:
+
+    scores_h = (x L_h + l_h)(x R_h)ᵀ · d_h^{-1/2}        out = Σ_h softmax(scores_h) (x D_h) U_hᵀ + b
+
+``L, l`` (``qk_left``), ``R`` (``qk_right``), ``D`` (``vo_down``) and ``U, b`` (``vo_up``) are plain
+``nn.Linear`` layers packing every head's factors side by side, so PEFT, quantizers and optimizers see
+ordinary linears; their names match no transformers weight-renaming pattern. Ranks may differ per
+head; heads whose value/output rank is 0 are gone. Different ranks are zero-padded per head inside
+``forward`` so that the usual attention kernels (eager, SDPA) run unchanged, with the original scale.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+
+def _eager_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    weights = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        weights = weights + attention_mask
+    weights = nn.functional.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    weights = nn.functional.dropout(weights, p=dropout, training=module.training)
+    return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
+
+
+def head_factorized_parameter_count(
+    hidden_size: int, qk_ranks: Sequence[int], vo_ranks: Sequence[int], qk_bias: bool, out_bias: bool
+) -> int:
+    """Weights of a :class:`HeadFactorizedAttention` (only heads with a value/output rank count)."""
+    qk = sum(q for q, v in zip(qk_ranks, vo_ranks, strict=True) if v > 0)
+    vo = sum(vo_ranks)
+    return 2 * qk * hidden_size + qk * qk_bias + 2 * vo * hidden_size + hidden_size * out_bias
+
+
+class HeadFactorizedAttention(nn.Module):
+    """Drop-in for a ViT-style attention module (``forward(hidden_states, attention_mask) -> (out, weights)``).
+
+    ``qk_ranks[h]`` / ``vo_ranks[h]`` are head ``h``'s ranks (``0 ≤ r ≤ head_dim``); a head with
+    ``vo_ranks[h] == 0`` contributes nothing and is removed, a head with ``qk_ranks[h] == 0`` attends
+    uniformly. ``config`` is the model config (for ``_attn_implementation``).
+    """
+
+    def __init__(
+        self,
+        config,
+        hidden_size: int,
+        head_dim: int,
+        qk_ranks: Sequence[int],
+        vo_ranks: Sequence[int],
+        qk_bias: bool = True,
+        out_bias: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if len(qk_ranks) != len(vo_ranks):
+            raise ValueError(f"{len(qk_ranks)} query/key ranks but {len(vo_ranks)} value/output ranks.")
+        for kind, ranks in (("query/key", qk_ranks), ("value/output", vo_ranks)):
+            bad = [r for r in ranks if not 0 <= int(r) <= head_dim]
+            if bad:
+                raise ValueError(f"{kind} ranks must be in [0, head_dim={head_dim}]; got {bad}.")
+        if not any(vo_ranks):
+            raise ValueError("Every head has value/output rank 0: the attention would output only its bias.")
+        self.config = config
+        self.hidden_size, self.head_dim = hidden_size, head_dim
+        self.scaling = head_dim**-0.5  # the original scale: the factors reproduce the original scores
+        self.is_causal = False
+        self.attention_dropout = float(getattr(config, "attention_probs_dropout_prob", 0.0) or 0.0)
+        active = [h for h, v in enumerate(vo_ranks) if v > 0]
+        self.qk_ranks = [int(qk_ranks[h]) for h in active]
+        self.vo_ranks = [int(vo_ranks[h]) for h in active]
+        self.num_heads = len(active)
+        self.qk_bias, self.out_bias = qk_bias, out_bias
+        factory = {"device": device, "dtype": dtype}
+        self.qk_left = nn.Linear(hidden_size, sum(self.qk_ranks), bias=qk_bias, **factory)
+        self.qk_right = nn.Linear(hidden_size, sum(self.qk_ranks), bias=False, **factory)
+        self.vo_down = nn.Linear(hidden_size, sum(self.vo_ranks), bias=False, **factory)
+        self.vo_up = nn.Linear(sum(self.vo_ranks), hidden_size, bias=out_bias, **factory)
+        self.qk_width = max(1, max(self.qk_ranks))  # a zero-width query would break attention kernels
+        self.vo_width = max(self.vo_ranks)
+        self.register_buffer("qk_index", self._packed_positions(self.qk_ranks, self.qk_width), persistent=False)
+        self.register_buffer("vo_index", self._packed_positions(self.vo_ranks, self.vo_width), persistent=False)
+
+    @staticmethod
+    def _packed_positions(ranks: Sequence[int], width: int) -> torch.Tensor:
+        """Where each packed column goes in the ``[heads × width]`` zero-padded layout."""
+        return torch.cat([torch.arange(r) + h * width for h, r in enumerate(ranks)]).long()
+
+    def _to_heads(self, packed: torch.Tensor, ranks: list[int], width: int, index: torch.Tensor) -> torch.Tensor:
+        batch_shape = packed.shape[:-1]
+        if all(r == width for r in ranks):  # uniform ranks: a plain view, no padding
+            padded = packed
+        else:
+            padded = packed.new_zeros(*batch_shape, self.num_heads * width)
+            padded = padded.index_copy(-1, index, packed)
+        return padded.view(*batch_shape, self.num_heads, width).transpose(1, 2)
+
+    def forward(
+        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        query = self._to_heads(self.qk_left(hidden_states), self.qk_ranks, self.qk_width, self.qk_index)
+        key = self._to_heads(self.qk_right(hidden_states), self.qk_ranks, self.qk_width, self.qk_index)
+        value = self._to_heads(self.vo_down(hidden_states), self.vo_ranks, self.vo_width, self.vo_index)
+        implementation = getattr(self.config, "_attn_implementation", None) or "eager"
+        attention: Callable = (
+            _eager_attention if implementation == "eager" else ALL_ATTENTION_FUNCTIONS[implementation]
+        )
+        output, weights = attention(
+            self,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=0.0 if not self.training else self.attention_dropout,
+            scaling=self.scaling,
+            **kwargs,
+        )
+        output = output.reshape(*hidden_states.shape[:-1], self.num_heads * self.vo_width)
+        if output.shape[-1] != self.vo_index.numel():
+            output = output.index_select(-1, self.vo_index)
+        return self.vo_up(output), weights
+
+    def extra_repr(self) -> str:
+        return f"heads={self.num_heads}, head_dim={self.head_dim}, qk_ranks={self.qk_ranks}, vo_ranks={self.vo_ranks}"

@@ -1,0 +1,143 @@
+"""Per-head SVDs of the attention products ``W_Q^hᵀ W_K^h`` and ``W_V^hᵀ W_O^hᵀ`` (COMCAT), activation-aware.
+
+Both products are ``d × d`` but have rank ≤ ``d_h``: each is ``a bᵀ`` with thin ``a, b`` (``d × d_h``).
+Their SVD comes from two thin QRs and one ``d_h × d_h`` SVD, so no ``d × d`` matrix is ever formed.
+
+Metrics (``G = E[xᵀx] = S Sᵀ`` of the attention input, ``x̃ = [x, 1]``, ``G̃ = E[x̃ᵀx̃] = S̃ S̃ᵀ``):
+
+* scores: ``E_ij[(x̃_i ΔM x_jᵀ)²] = ‖S̃ᵀ ΔM S‖²_F`` with ``M = [W_Qᵀ; b_Qᵀ] W_K``. The query bias rides
+  along as the last row of ``M`` (the homogeneous coordinate), so it is kept to the same optimal
+  truncation as the weights instead of being dropped; the key bias adds ``q_i·b_K`` to every score of
+  row ``i``, which softmax ignores, so it is dropped exactly.
+* outputs: ``E[(x ΔN)²] = ‖Sᵀ ΔN‖²_F`` with ``N = W_Vᵀ W_Oᵀ``. Attention rows sum to one, so the value bias
+  contributes the constant ``b_V W_Oᵀ`` per head, folded exactly into the output bias.
+
+In both cases the error of rank ``r`` is the sum of the discarded ``σ²`` (full rank ``d_h`` is exact).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ...calibration.gram import LayerStatistics
+from ...calibration.whitening import GramRoot, gram_root, identity_root
+
+
+@dataclass
+class ProductSVD:
+    """SVD of one head's product in its metric: ``M ≈ left[:, :r] @ right[:, :r]ᵀ``, strongest first."""
+
+    left: torch.Tensor  # [p, k]
+    right: torch.Tensor  # [q, k]
+    spectrum: torch.Tensor  # [k] σ², float64: error removed by each component
+
+    def factors(self, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.left[:, :rank], self.right[:, :rank]
+
+    def discarded_energy(self, rank: int) -> float:
+        return float(self.spectrum[rank:].sum())
+
+
+def product_svd(a: torch.Tensor, b: torch.Tensor, left_root: GramRoot, right_root: GramRoot) -> ProductSVD:
+    """SVD of ``M = a bᵀ`` (``a [p, k]``, ``b [q, k]``, ``k`` small) minimizing ``‖S_lᵀ ΔM S_r‖_F``."""
+    a_w, b_w = left_root.matrix.T @ a, right_root.matrix.T @ b
+    q_a, r_a = torch.linalg.qr(a_w)
+    q_b, r_b = torch.linalg.qr(b_w)
+    u, sigma, vh = torch.linalg.svd(r_a @ r_b.T)
+    scale = sigma.sqrt()
+    left = left_root.solve_transpose(q_a @ (u * scale))
+    right = right_root.solve_transpose(q_b @ (vh.T * scale))
+    return ProductSVD(left, right, sigma.square())
+
+
+@dataclass
+class AttentionFactorization:
+    """Every head's two product SVDs for one attention module, plus the exactly folded output bias."""
+
+    qk: list[ProductSVD]
+    vo: list[ProductSVD]
+    out_bias: torch.Tensor | None
+    qk_bias: bool
+    head_dim: int
+    solver: str
+
+
+def factorize_attention(
+    attention: nn.Module, statistics: LayerStatistics | None, damping: float = 1e-6
+) -> AttentionFactorization:
+    """Per-head product SVDs of a ViT-style attention (``q_proj, k_proj, v_proj, o_proj``).
+
+    ``statistics`` are those of the attention input (``q_proj``'s input); ``None`` gives plain
+    (unweighted) SVDs of the products.
+    """
+    heads = attention.num_attention_heads if hasattr(attention, "num_attention_heads") else attention.config.num_attention_heads
+    head_dim = attention.head_dim
+    q, k, v, o = (attention.get_submodule(name) for name in ("q_proj", "k_proj", "v_proj", "o_proj"))
+    w_q, w_k, w_v, w_o = (m.weight.detach().to(torch.float64) for m in (q, k, v, o))
+    hidden = w_q.shape[1]
+    qk_bias = q.bias is not None
+    if statistics is None or statistics.tokens == 0:
+        root = identity_root(hidden, device=w_q.device)
+        augmented_root = identity_root(hidden + 1, device=w_q.device) if qk_bias else root
+    else:
+        root = gram_root(statistics.mean_gram().to(w_q.device), damping)
+        augmented_root = gram_root(statistics.mean_augmented_gram().to(w_q.device), damping) if qk_bias else root
+    output_root = identity_root(o.out_features, device=w_q.device)
+
+    qk, vo = [], []
+    out_bias = o.bias.detach().to(torch.float64).clone() if o.bias is not None else None
+    for h in range(heads):
+        rows = slice(h * head_dim, (h + 1) * head_dim)
+        a = w_q[rows].T  # [d, d_h]
+        if qk_bias:
+            a = torch.cat([a, q.bias.detach().to(torch.float64)[rows][None]], dim=0)  # [d + 1, d_h]
+        qk.append(product_svd(a, w_k[rows].T, augmented_root, root))
+        vo.append(product_svd(w_v[rows].T, w_o[:, rows], root, output_root))
+        if v.bias is not None:
+            folded = w_o[:, rows] @ v.bias.detach().to(torch.float64)[rows]
+            out_bias = folded if out_bias is None else out_bias + folded
+    return AttentionFactorization(qk, vo, out_bias, qk_bias, head_dim, root.solver)
+
+
+def build_head_factorized(
+    attention: nn.Module, factorization: AttentionFactorization, qk_ranks: list[int], vo_ranks: list[int]
+):
+    """A :class:`~hf_vitcompress.attention.HeadFactorizedAttention` holding the given ranks' factors."""
+    from ...attention import HeadFactorizedAttention
+
+    reference = attention.q_proj.weight
+    module = HeadFactorizedAttention(
+        attention.config,
+        hidden_size=reference.shape[1],
+        head_dim=factorization.head_dim,
+        qk_ranks=qk_ranks,
+        vo_ranks=vo_ranks,
+        qk_bias=factorization.qk_bias,
+        out_bias=factorization.out_bias is not None,
+        device=reference.device,
+        dtype=reference.dtype,
+    )
+    active = [h for h, r in enumerate(vo_ranks) if r > 0]
+    lefts, rights, downs, ups = [], [], [], []
+    for h in active:
+        left, right = factorization.qk[h].factors(qk_ranks[h])
+        lefts.append(left)
+        rights.append(right)
+        down, up = factorization.vo[h].factors(vo_ranks[h])
+        downs.append(down)
+        ups.append(up)
+    left, right = torch.cat(lefts, dim=1), torch.cat(rights, dim=1)
+    hidden = reference.shape[1]
+    with torch.no_grad():
+        module.qk_left.weight.copy_(left[:hidden].T)
+        if factorization.qk_bias:
+            module.qk_left.bias.copy_(left[hidden])
+        module.qk_right.weight.copy_(right.T)
+        module.vo_down.weight.copy_(torch.cat(downs, dim=1).T)
+        module.vo_up.weight.copy_(torch.cat(ups, dim=1))
+        if factorization.out_bias is not None:
+            module.vo_up.bias.copy_(factorization.out_bias)
+    return module

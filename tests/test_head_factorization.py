@@ -1,0 +1,117 @@
+"""Head-level product factorization (COMCAT): the attention module and its per-head SVDs."""
+
+import pytest
+import torch
+
+from hf_vitcompress.attention import HeadFactorizedAttention, head_factorized_parameter_count
+from hf_vitcompress.calibration.gram import LayerStatistics
+from hf_vitcompress.methods.head_factorization.factorization import build_head_factorized, factorize_attention
+
+from .conftest import tiny_vit
+
+
+def attention_with_biases(implementation="eager"):
+    model = tiny_vit()
+    model.config._attn_implementation = implementation
+    attention = model.vit.layers[0].attention
+    with torch.no_grad():  # random init has zero biases: make every bias matter
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            attention.get_submodule(name).bias.normal_(0, 0.5)
+    return attention
+
+
+def statistics_of(inputs):
+    statistics = LayerStatistics.empty(inputs.shape[-1])
+    statistics.update(inputs)
+    return statistics
+
+
+@pytest.fixture
+def inputs():
+    return torch.randn(6, 17, 48, generator=torch.Generator().manual_seed(3))
+
+
+@pytest.mark.parametrize("implementation", ["eager", "sdpa"])
+@pytest.mark.parametrize("calibrated", [True, False])
+def test_full_rank_reproduces_dense_attention_with_biases(inputs, implementation, calibrated):
+    attention = attention_with_biases(implementation).double()
+    x = inputs.double()
+    factorization = factorize_attention(attention, statistics_of(x) if calibrated else None)
+    full = [attention.head_dim] * attention.num_attention_heads
+    module = build_head_factorized(attention, factorization, full, full)
+    # ViT's eager path takes its softmax in float32 even for float64 inputs.
+    tolerance = 1e-9 if implementation == "sdpa" else 1e-6
+    with torch.no_grad():
+        torch.testing.assert_close(module(x)[0], attention(x)[0], rtol=tolerance, atol=tolerance)
+
+
+@torch.no_grad()
+def test_truncation_error_is_the_discarded_spectrum(inputs):
+    attention = attention_with_biases().double()
+    x = inputs.double().reshape(-1, 48)
+    factorization = factorize_attention(attention, statistics_of(x), damping=0.0)  # the exact metric
+    q, k = attention.q_proj, attention.k_proj
+    augmented = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], dim=1)
+    for h, svd in enumerate(factorization.qk):
+        rows = slice(h * attention.head_dim, (h + 1) * attention.head_dim)
+        product = torch.cat([q.weight[rows].T, q.bias[rows][None]]) @ k.weight[rows]  # [d + 1, d]
+        for rank in (1, 5, attention.head_dim):
+            left, right = svd.factors(rank)
+            error = (augmented @ (product - left @ right.T) @ x.T).pow(2).sum() / len(x) ** 2
+            assert float(error) == pytest.approx(svd.discarded_energy(rank), rel=1e-6, abs=1e-12)
+    v, o = attention.v_proj, attention.o_proj
+    for h, svd in enumerate(factorization.vo):
+        rows = slice(h * attention.head_dim, (h + 1) * attention.head_dim)
+        product = v.weight[rows].T @ o.weight[:, rows].T
+        left, right = svd.factors(3)
+        error = (x @ (product - left @ right.T)).pow(2).sum() / len(x)
+        assert float(error) == pytest.approx(svd.discarded_energy(3), rel=1e-6)
+
+
+def test_key_bias_is_dropped_exactly_and_value_bias_folds_exactly(inputs):
+    attention = attention_with_biases("sdpa").double()
+    x = inputs.double()
+    full = [attention.head_dim] * attention.num_attention_heads
+    module = build_head_factorized(attention, factorize_attention(attention, None), full, full)
+    with torch.no_grad():
+        reference = attention(x)[0]
+        attention.k_proj.bias.add_(3.0)  # softmax-invariant: the dense output does not move either
+        torch.testing.assert_close(attention(x)[0], reference, rtol=1e-9, atol=1e-9)
+    # No value bias inside the factorized module: it lives in the output bias.
+    assert module.vo_down.bias is None
+    expected = attention.o_proj.bias + attention.o_proj.weight @ attention.v_proj.bias
+    torch.testing.assert_close(module.vo_up.bias, expected)
+    torch.testing.assert_close(module(x)[0], reference, rtol=1e-9, atol=1e-9)
+
+
+def test_irregular_ranks_and_removed_heads(inputs):
+    attention = attention_with_biases().double()
+    x = inputs.double()
+    factorization = factorize_attention(attention, statistics_of(x))
+    qk_ranks, vo_ranks = [12, 3, 0, 7], [5, 12, 1, 0]  # head 2 attends uniformly, head 3 is removed
+    module = build_head_factorized(attention, factorization, qk_ranks, vo_ranks)
+    assert module.num_heads == 3 and module.qk_ranks == [12, 3, 0] and module.vo_ranks == [5, 12, 1]
+    assert sum(p.numel() for p in module.parameters()) == head_factorized_parameter_count(
+        48, qk_ranks, vo_ranks, qk_bias=True, out_bias=True
+    )
+    # The padded kernels agree with a per-head reference computed from the factors directly.
+    with torch.no_grad():
+        q, k, v = module.qk_left(x), module.qk_right(x), module.vo_down(x)
+        outputs, qk_start, vo_start = [], 0, 0
+        for qr, vr in zip(module.qk_ranks, module.vo_ranks):
+            scores = q[..., qk_start : qk_start + qr] @ k[..., qk_start : qk_start + qr].transpose(1, 2)
+            weights = torch.softmax(scores * 12**-0.5, dim=-1)
+            outputs.append(weights @ v[..., vo_start : vo_start + vr])
+            qk_start, vo_start = qk_start + qr, vo_start + vr
+        expected = module.vo_up(torch.cat(outputs, dim=-1))
+        torch.testing.assert_close(module(x)[0], expected, rtol=1e-9, atol=1e-9)
+        module.config._attn_implementation = "sdpa"
+        torch.testing.assert_close(module(x)[0], expected, rtol=1e-9, atol=1e-9)
+
+
+def test_bad_ranks_are_refused():
+    config = tiny_vit().config
+    with pytest.raises(ValueError, match="head_dim=12"):
+        HeadFactorizedAttention(config, 48, 12, [13, 1, 1, 1], [1, 1, 1, 1])
+    with pytest.raises(ValueError, match="output only its bias"):
+        HeadFactorizedAttention(config, 48, 12, [1, 1, 1, 1], [0, 0, 0, 0])
