@@ -86,13 +86,24 @@ class HeadFactorizedAttention(nn.Module):
         self.vo_up = nn.Linear(sum(self.vo_ranks), hidden_size, bias=out_bias, **factory)
         self.qk_width = max(1, max(self.qk_ranks))  # a zero-width query would break attention kernels
         self.vo_width = max(self.vo_ranks)
-        self.register_buffer("qk_index", self._packed_positions(self.qk_ranks, self.qk_width), persistent=False)
-        self.register_buffer("vo_index", self._packed_positions(self.vo_ranks, self.vo_width), persistent=False)
+        # Plain Python, not buffers: transformers may build the module on the meta device before loading,
+        # and a non-persistent buffer would then hold garbage.
+        self._qk_positions = self._packed_positions(self.qk_ranks, self.qk_width)
+        self._vo_positions = self._packed_positions(self.vo_ranks, self.vo_width)
+        self._index_cache: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @staticmethod
-    def _packed_positions(ranks: Sequence[int], width: int) -> torch.Tensor:
+    def _packed_positions(ranks: Sequence[int], width: int) -> list[int]:
         """Where each packed column goes in the ``[heads × width]`` zero-padded layout."""
-        return torch.cat([torch.arange(r) + h * width for h, r in enumerate(ranks)]).long()
+        return [h * width + i for h, r in enumerate(ranks) for i in range(r)]
+
+    def _indices(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if device not in self._index_cache:
+            self._index_cache[device] = (
+                torch.tensor(self._qk_positions, dtype=torch.long, device=device),
+                torch.tensor(self._vo_positions, dtype=torch.long, device=device),
+            )
+        return self._index_cache[device]
 
     def _to_heads(self, packed: torch.Tensor, ranks: list[int], width: int, index: torch.Tensor) -> torch.Tensor:
         batch_shape = packed.shape[:-1]
@@ -106,13 +117,12 @@ class HeadFactorizedAttention(nn.Module):
     def forward(
         self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        query = self._to_heads(self.qk_left(hidden_states), self.qk_ranks, self.qk_width, self.qk_index)
-        key = self._to_heads(self.qk_right(hidden_states), self.qk_ranks, self.qk_width, self.qk_index)
-        value = self._to_heads(self.vo_down(hidden_states), self.vo_ranks, self.vo_width, self.vo_index)
+        qk_index, vo_index = self._indices(hidden_states.device)
+        query = self._to_heads(self.qk_left(hidden_states), self.qk_ranks, self.qk_width, qk_index)
+        key = self._to_heads(self.qk_right(hidden_states), self.qk_ranks, self.qk_width, qk_index)
+        value = self._to_heads(self.vo_down(hidden_states), self.vo_ranks, self.vo_width, vo_index)
         implementation = getattr(self.config, "_attn_implementation", None) or "eager"
-        attention: Callable = (
-            _eager_attention if implementation == "eager" else ALL_ATTENTION_FUNCTIONS[implementation]
-        )
+        attention: Callable = _eager_attention if implementation == "eager" else ALL_ATTENTION_FUNCTIONS[implementation]
         output, weights = attention(
             self,
             query,
@@ -124,8 +134,8 @@ class HeadFactorizedAttention(nn.Module):
             **kwargs,
         )
         output = output.reshape(*hidden_states.shape[:-1], self.num_heads * self.vo_width)
-        if output.shape[-1] != self.vo_index.numel():
-            output = output.index_select(-1, self.vo_index)
+        if output.shape[-1] != vo_index.numel():
+            output = output.index_select(-1, vo_index)
         return self.vo_up(output), weights
 
     def extra_repr(self) -> str:

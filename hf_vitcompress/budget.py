@@ -36,18 +36,24 @@ class RankCandidate:
     in_features: int
     out_features: int
     errors: torch.Tensor
+    # For things that are not one plain linear (e.g. one attention head's Q·Kᵀ product): the weights
+    # each rank costs, the weights it owns in the dense model, and the highest useful rank.
+    unit_cost: int | None = None
+    dense_parameters: int | None = None
+    full_rank: int | None = None
 
     @property
     def max_rank(self) -> int:
-        return min(break_even_rank(self.in_features, self.out_features), len(self.errors) - 1)
+        limit = self.full_rank if self.full_rank is not None else break_even_rank(self.in_features, self.out_features)
+        return min(limit, len(self.errors) - 1)
 
     @property
     def rank_cost(self) -> int:
-        return self.in_features + self.out_features
+        return self.unit_cost if self.unit_cost is not None else self.in_features + self.out_features
 
     @property
     def dense_cost(self) -> int:
-        return self.in_features * self.out_features
+        return self.dense_parameters if self.dense_parameters is not None else self.in_features * self.out_features
 
     def cost(self, rank: int | None) -> int:
         return self.dense_cost if rank is DENSE else rank * self.rank_cost

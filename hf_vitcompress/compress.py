@@ -13,6 +13,7 @@ from .configuration import CompressionConfig
 from .families import FamilyAdapter, family_for
 from .layers import LowRankLinear
 from .methods.activation_aware.method import compress_activation_aware, needs_calibration
+from .methods.head_factorization.method import ATTENTION_PROJECTIONS, compress_head_factorization
 from .modeling_utils import CompressedModelMixin
 
 
@@ -51,6 +52,23 @@ def resolve_targets(
     return block_groups, [name for name in extra if name not in block_names]
 
 
+def _head_factorization_targets(target_modules: list[str] | None) -> list[str] | None:
+    """``attention`` selects whole attention modules (all four projections); single projections cannot be
+    head-factorized on their own."""
+    if target_modules is None:
+        return None
+    partial = sorted(set(target_modules) & set(ATTENTION_PROJECTIONS))
+    if partial:
+        raise ValueError(
+            f"method='head_factorization' factorizes whole attention modules, not {partial}: use 'attention' "
+            "(with 'fc1' / 'fc2' for the MLP), or method='activation_aware' for single projections."
+        )
+    expanded = []
+    for entry in target_modules:
+        expanded.extend(ATTENTION_PROJECTIONS if entry == "attention" else [entry])
+    return expanded
+
+
 def _version() -> str:
     from . import __version__
 
@@ -78,7 +96,10 @@ def compress(
         raise ValueError("This model is already compressed; compress the original dense model instead.")
     family = family_for(model)
     compressed_class = family.compressed_class_for(model)
-    block_groups, extra = resolve_targets(model, family, config.target_modules)
+    target_modules = config.target_modules
+    if config.method == "head_factorization":
+        target_modules = _head_factorization_targets(target_modules)
+    block_groups, extra = resolve_targets(model, family, target_modules)
 
     batches = None
     calibration_images = 0
@@ -105,16 +126,23 @@ def compress(
     model.eval()  # the dense model is the reference: no dropout while it is measured
     try:
         working = copy.deepcopy(model)
-        plan, report = compress_activation_aware(
-            working,
-            model,
-            block_groups,
-            extra,
-            config,
-            batches,
-            (family.blocks(model), family.blocks(working)),
-            progress=progress,
-        )
+        if config.method == "head_factorization":
+            linears = [name for block in block_groups for group in block for name in group] + extra
+            attention_names = [name.rsplit(".", 1)[0] for name in linears if name.endswith(".q_proj")]
+            projections = {f"{a}.{p}" for a in attention_names for p in ATTENTION_PROJECTIONS}
+            others = [name for name in linears if name not in projections]
+            plan, report = compress_head_factorization(working, attention_names, others, config, batches, progress)
+        else:
+            plan, report = compress_activation_aware(
+                working,
+                model,
+                block_groups,
+                extra,
+                config,
+                batches,
+                (family.blocks(model), family.blocks(working)),
+                progress=progress,
+            )
     finally:
         model.train(was_training)
     working.train(was_training)

@@ -7,7 +7,7 @@ import os
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-SUPPORTED_METHODS = ("activation_aware",)
+SUPPORTED_METHODS = ("activation_aware", "head_factorization")
 WHITENING_CHOICES = ("gram", "diagonal", "none")
 ALLOCATION_CHOICES = ("global", "uniform")
 NORMALIZATION_CHOICES = ("relative", "absolute")
@@ -72,11 +72,12 @@ class CompressionConfig:
             "help": "Factorize block by block, each layer calibrated on inputs from the already compressed layers."
         },
     )
-    compensation_rank: int = field(
-        default=8,
+    compensation_rank: int | None = field(
+        default=None,
         metadata={
             "help": "Rank of the trained error-compensation residual per layer, part of the layer's rank (0 disables "
-            "the stage; it then keeps only Gram matrices in memory instead of one block's activations)."
+            "the stage; it then keeps only Gram matrices in memory instead of one block's activations). Default: 8 "
+            "for activation_aware, 0 for head_factorization (which does not support it yet)."
         },
     )
     compensation_epochs: int = field(default=4, metadata={"help": "Passes over the calibration set per layer group."})
@@ -88,6 +89,21 @@ class CompressionConfig:
             raise ValueError(
                 f"Unknown compression method {self.method!r}. Supported methods: {', '.join(SUPPORTED_METHODS)}."
             )
+        if self.compensation_rank is None:
+            self.compensation_rank = 8 if self.method == "activation_aware" else 0
+        if self.method == "head_factorization":
+            unsupported = {
+                "sequential=True": self.sequential,
+                f"compensation_rank={self.compensation_rank}": self.compensation_rank > 0,
+                f"whitening={self.whitening!r}": self.whitening == "diagonal",
+                f"rank_allocation={self.rank_allocation!r}": self.rank_allocation != "global",
+            }
+            chosen = [name for name, used in unsupported.items() if used]
+            if chosen:
+                raise ValueError(
+                    f"method='head_factorization' does not support {', '.join(chosen)} yet (it factorizes one-shot "
+                    "with whitening 'gram' or 'none' and global rank allocation)."
+                )
         if isinstance(self.target_param_ratio, bool) or not isinstance(self.target_param_ratio, (int, float)):
             raise TypeError(f"target_param_ratio must be a number in (0, 1], got {self.target_param_ratio!r}.")
         self.target_param_ratio = float(self.target_param_ratio)

@@ -12,6 +12,7 @@ from typing import Any
 
 from torch import nn
 
+from .attention import HeadFactorizedAttention, head_factorized_parameter_count
 from .layers import LowRankLinear, low_rank_parameter_count
 
 PLAN_VERSION = 1
@@ -21,27 +22,65 @@ class PlanMismatchError(ValueError):
     """The plan does not match the model (or the checkpoint) it is applied to."""
 
 
+LAYER_KINDS = ("low_rank", "head_factorized")
+
+
 @dataclass
 class LayerPlan:
-    """What became of one ``nn.Linear``. ``kind="low_rank"``: a :class:`LowRankLinear` of ``rank``."""
+    """What became of one module.
+
+    * ``kind="low_rank"``: an ``nn.Linear`` became a :class:`LowRankLinear` of ``rank``.
+    * ``kind="head_factorized"``: an attention module became a
+      :class:`~hf_vitcompress.attention.HeadFactorizedAttention` with per-head ``qk_ranks`` and
+      ``vo_ranks`` (``in_features = out_features`` = hidden size, ``bias`` = output bias,
+      ``qk_bias`` = query bias).
+    """
 
     kind: str
     in_features: int
     out_features: int
     bias: bool
     rank: int | None = None
+    head_dim: int | None = None
+    qk_ranks: list[int] | None = None
+    vo_ranks: list[int] | None = None
+    qk_bias: bool | None = None
 
     def __post_init__(self) -> None:
-        if self.kind != "low_rank":
+        if self.kind not in LAYER_KINDS:
             raise PlanMismatchError(
-                f"Unknown layer plan kind {self.kind!r}; this version of hf_vitcompress knows 'low_rank'."
+                f"Unknown layer plan kind {self.kind!r}; this version of hf_vitcompress knows {LAYER_KINDS}. "
+                "Upgrade hf_vitcompress."
             )
-        if self.rank is None or not 1 <= self.rank <= min(self.in_features, self.out_features):
-            raise PlanMismatchError(f"Invalid rank {self.rank} for a {self.in_features}->{self.out_features} linear.")
+        if self.kind == "low_rank":
+            if self.rank is None or not 1 <= self.rank <= min(self.in_features, self.out_features):
+                raise PlanMismatchError(
+                    f"Invalid rank {self.rank} for a {self.in_features}->{self.out_features} linear."
+                )
+            return
+        ranks_ok = (
+            self.head_dim
+            and self.qk_ranks is not None
+            and self.vo_ranks is not None
+            and len(self.qk_ranks) == len(self.vo_ranks) > 0
+            and all(0 <= r <= self.head_dim for r in [*self.qk_ranks, *self.vo_ranks])
+            and any(self.vo_ranks)
+        )
+        if not ranks_ok:
+            raise PlanMismatchError(
+                f"Invalid head ranks (head_dim={self.head_dim}, qk_ranks={self.qk_ranks}, vo_ranks={self.vo_ranks})."
+            )
 
     @property
     def num_parameters(self) -> int:
+        if self.kind == "head_factorized":
+            return head_factorized_parameter_count(
+                self.in_features, self.qk_ranks, self.vo_ranks, bool(self.qk_bias), self.bias
+            )
         return low_rank_parameter_count(self.in_features, self.out_features, self.rank, self.bias)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {key: value for key, value in asdict(self).items() if value is not None}
 
 
 @dataclass
@@ -62,7 +101,7 @@ class CompressionPlan:
             "version": self.version,
             "dense_parameters": self.dense_parameters,
             "parameters": self.parameters,
-            "layers": {name: asdict(layer) for name, layer in self.layers.items()},
+            "layers": {name: layer.to_dict() for name, layer in self.layers.items()},
         }
 
     @classmethod
@@ -100,8 +139,35 @@ def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
+def _head_factorized_for(name: str, current: nn.Module, layer: LayerPlan) -> HeadFactorizedAttention:
+    projections = [getattr(current, attr, None) for attr in ("q_proj", "k_proj", "v_proj", "o_proj")]
+    if not all(isinstance(p, nn.Linear) for p in projections):
+        raise PlanMismatchError(
+            f"The compression plan factorizes the heads of {name!r}, a {type(current).__name__} without "
+            "q_proj/k_proj/v_proj/o_proj linears."
+        )
+    heads, head_dim = getattr(current, "num_attention_heads", None), getattr(current, "head_dim", None)
+    if (projections[0].in_features, heads, head_dim) != (layer.in_features, len(layer.qk_ranks), layer.head_dim):
+        raise PlanMismatchError(
+            f"The compression plan expects {name!r} to have width {layer.in_features} and {len(layer.qk_ranks)} heads "
+            f"of {layer.head_dim}; the model has width {projections[0].in_features} and {heads} heads of {head_dim}."
+        )
+    weight = projections[0].weight
+    return HeadFactorizedAttention(
+        current.config,
+        layer.in_features,
+        layer.head_dim,
+        layer.qk_ranks,
+        layer.vo_ranks,
+        qk_bias=bool(layer.qk_bias),
+        out_bias=layer.bias,
+        device=weight.device,
+        dtype=weight.dtype,
+    )
+
+
 def apply_plan_structure(model: nn.Module, plan: CompressionPlan) -> None:
-    """Swap every planned ``nn.Linear`` for an (uninitialized) module of the planned shape.
+    """Swap every planned module (a linear, or an attention) for an uninitialized one of the planned shape.
 
     Used by ``from_pretrained`` before weights load. Fails loudly when the plan names a module the
     model does not have or whose shape differs, since loading would otherwise half-succeed.
@@ -111,6 +177,9 @@ def apply_plan_structure(model: nn.Module, plan: CompressionPlan) -> None:
             current = model.get_submodule(name)
         except AttributeError as error:
             raise PlanMismatchError(f"The compression plan names {name!r}, which this model does not have.") from error
+        if layer.kind == "head_factorized":
+            set_submodule(model, name, _head_factorized_for(name, current, layer))
+            continue
         if not isinstance(current, nn.Linear):
             raise PlanMismatchError(
                 f"The compression plan names {name!r}, a {type(current).__name__}, not an nn.Linear."

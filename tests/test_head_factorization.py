@@ -115,3 +115,63 @@ def test_bad_ranks_are_refused():
         HeadFactorizedAttention(config, 48, 12, [13, 1, 1, 1], [1, 1, 1, 1])
     with pytest.raises(ValueError, match="output only its bias"):
         HeadFactorizedAttention(config, 48, 12, [1, 1, 1, 1], [0, 0, 0, 0])
+
+
+# -- the method ---------------------------------------------------------------------------------------
+def test_head_factorization_meets_the_budget_and_round_trips(tmp_path, pixels):
+    from transformers import AutoModelForImageClassification
+
+    from hf_vitcompress import CompressionConfig, compress, count_parameters
+
+    dense = tiny_vit()
+    config = CompressionConfig(method="head_factorization", target_param_ratio=0.55)
+    assert config.compensation_rank == 0  # the method's default
+    small = compress(dense, config, pixels, progress=False)
+    plan = small.compression_plan
+    assert count_parameters(small) <= 0.55 * count_parameters(dense)
+    assert count_parameters(small) >= 0.55 * count_parameters(dense) - 2 * 48 - 1  # within one rank step
+    assert plan.parameters == count_parameters(small) == sum(p.numel() for p in small.parameters())
+    kinds = {layer.kind for layer in plan.layers.values()}
+    assert kinds == {"head_factorized", "low_rank"}
+    attention_plan = plan.layers["vit.layers.0.attention"]
+    # Irregular per-head ranks survive save/load exactly.
+    attention_plan_dict = small.config.compression_plan["layers"]["vit.layers.0.attention"]
+    attention_plan_dict["qk_ranks"] = [12, 3, 0, 7]
+    attention_plan_dict["vo_ranks"] = [5, 12, 1, 0]
+    irregular = type(small)(small.config)
+    with torch.no_grad():
+        for parameter in irregular.parameters():
+            parameter.normal_()
+    irregular.save_pretrained(tmp_path)
+    loaded = AutoModelForImageClassification.from_pretrained(tmp_path)
+    assert loaded.vit.layers[0].attention.qk_ranks == [12, 3, 0] and loaded.vit.layers[0].attention.num_heads == 3
+    for name, value in irregular.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[name], value, msg=name)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            loaded.eval()(pixel_values=pixels).logits, irregular.eval()(pixel_values=pixels).logits
+        )
+    assert attention_plan.head_dim == 12
+
+
+def test_head_factorization_bad_input(pixels):
+    from hf_vitcompress import BudgetError, CompressionConfig, compress
+
+    with pytest.raises(ValueError, match="whole attention modules, not \\['q_proj'\\]"):
+        compress(tiny_vit(), CompressionConfig(method="head_factorization", target_modules=["q_proj", "fc1"]), pixels)
+    with pytest.raises(ValueError, match="does not support compensation_rank=8"):
+        CompressionConfig(method="head_factorization", compensation_rank=8)
+    with pytest.raises(BudgetError, match="smallest reachable ratio"):
+        compress(
+            tiny_vit(),
+            CompressionConfig(method="head_factorization", target_param_ratio=0.3, target_modules=["attention"]),
+            pixels,
+            progress=False,
+        )
+    small = compress(
+        tiny_vit(),
+        CompressionConfig(method="head_factorization", target_param_ratio=0.8, target_modules=["attention"]),
+        pixels,
+        progress=False,
+    )
+    assert {layer.kind for layer in small.compression_plan.layers.values()} == {"head_factorized"}

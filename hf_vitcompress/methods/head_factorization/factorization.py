@@ -73,7 +73,11 @@ def factorize_attention(
     ``statistics`` are those of the attention input (``q_proj``'s input); ``None`` gives plain
     (unweighted) SVDs of the products.
     """
-    heads = attention.num_attention_heads if hasattr(attention, "num_attention_heads") else attention.config.num_attention_heads
+    heads = (
+        attention.num_attention_heads
+        if hasattr(attention, "num_attention_heads")
+        else attention.config.num_attention_heads
+    )
     head_dim = attention.head_dim
     q, k, v, o = (attention.get_submodule(name) for name in ("q_proj", "k_proj", "v_proj", "o_proj"))
     w_q, w_k, w_v, w_o = (m.weight.detach().to(torch.float64) for m in (q, k, v, o))

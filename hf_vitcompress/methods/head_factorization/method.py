@@ -1,0 +1,127 @@
+"""``method="head_factorization"``: COMCAT-style per-head attention products, plus low-rank MLP linears,
+under one global parameter budget and one plan.
+
+One calibration pass collects the input statistics of every attention (its ``q_proj`` input, shared
+by q/k/v) and of every low-rank target. Each head contributes two candidates to the shared allocator,
+its Q·Kᵀ and its V·O product; each MLP linear one, exactly as in the activation-aware method. Errors
+are normalized per module (a head's discarded energy over its attention's total), so heads of one
+attention compete by how much they matter and modules are comparable with each other.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ...budget import ALLOCATORS, DENSE, RankCandidate, make_budget
+from ...calibration.gram import LayerStatistics, record_linear_inputs
+from ...configuration import CompressionConfig
+from ...layers import LowRankLinear
+from ...plan import CompressionPlan, LayerPlan, count_parameters, set_submodule
+from ..activation_aware.method import CompressionReport, _candidate, _factorize, _forward, _install
+from .factorization import AttentionFactorization, build_head_factorized, factorize_attention
+
+ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+def _head_candidates(name: str, factorization: AttentionFactorization, hidden: int) -> list[RankCandidate]:
+    head_dim = factorization.head_dim
+    candidates = []
+    for kind, svds in (("qk", factorization.qk), ("vo", factorization.vo)):
+        total = max(sum(float(svd.spectrum.sum()) for svd in svds), 1e-30)
+        for h, svd in enumerate(svds):
+            kept = torch.cat([svd.spectrum.new_zeros(1), svd.spectrum.cumsum(0)])
+            errors = (kept[-1] - kept).clamp_min(0) / total
+            if kind == "qk":  # W_Q^h, W_K^h and both biases in the dense model; L, R (+ query bias) per rank
+                unit, dense = (
+                    2 * hidden + factorization.qk_bias,
+                    2 * hidden * head_dim + 2 * head_dim * factorization.qk_bias,
+                )
+            else:  # W_V^h, its bias and W_O^h's columns; D, U per rank (the folded bias is fixed cost)
+                unit, dense = 2 * hidden, 2 * hidden * head_dim + head_dim * factorization.qk_bias
+            candidates.append(
+                RankCandidate(
+                    f"{name}#{kind}{h}",
+                    hidden,
+                    hidden,
+                    errors,
+                    unit_cost=unit,
+                    dense_parameters=dense,
+                    full_rank=head_dim,
+                )
+            )
+    return candidates
+
+
+def compress_head_factorization(
+    model: nn.Module,
+    attention_names: list[str],
+    linear_targets: list[str],
+    config: CompressionConfig,
+    batches: Iterator[torch.Tensor | dict] | None,
+    progress: bool = True,
+) -> tuple[CompressionPlan, CompressionReport]:
+    """Factorize ``model``'s attentions per head and its ``linear_targets`` by low rank, in place."""
+    report = CompressionReport()
+    inputs = [f"{name}.q_proj" for name in attention_names] + linear_targets
+    statistics: dict[str, LayerStatistics] | None = None
+    if batches is not None and config.whitening != "none":
+        statistics = {}
+        model.eval()
+        with torch.no_grad(), record_linear_inputs(model, inputs, statistics):
+            for batch in tqdm(batches, desc="calibration", disable=not progress, unit="batch"):
+                _forward(model, batch)
+
+    factorizations = {
+        name: factorize_attention(
+            model.get_submodule(name), statistics.get(f"{name}.q_proj") if statistics else None, config.damping
+        )
+        for name in tqdm(attention_names, desc="attention products", disable=not progress, unit="module")
+    }
+    svds = _factorize(model, linear_targets, statistics, config)
+    candidates = [
+        candidate
+        for name, factorization in factorizations.items()
+        for candidate in _head_candidates(name, factorization, model.get_submodule(name).q_proj.in_features)
+    ]
+    candidates += [
+        _candidate(name, model.get_submodule(name), svds[name], config.error_normalization) for name in linear_targets
+    ]
+    budget = make_budget(count_parameters(model), candidates, config.target_param_ratio)
+    ranks = ALLOCATORS[config.rank_allocation](candidates, budget.candidate_budget)
+    report.solvers = {name: f.solver for name, f in factorizations.items()} | {n: s.solver for n, s in svds.items()}
+
+    layers: dict[str, LayerPlan] = {}
+    for name, factorization in factorizations.items():
+        heads = len(factorization.qk)
+
+        def rank_of(key: str, full: int = factorization.head_dim) -> int:
+            rank = ranks[key]  # DENSE here means "full rank": exact, and never more weights than dense
+            return full if rank is DENSE else rank
+
+        qk_ranks = [rank_of(f"{name}#qk{h}") for h in range(heads)]
+        vo_ranks = [rank_of(f"{name}#vo{h}") for h in range(heads)]
+        attention = model.get_submodule(name)
+        set_submodule(model, name, build_head_factorized(attention, factorization, qk_ranks, vo_ranks))
+        hidden = attention.q_proj.in_features
+        layers[name] = LayerPlan(
+            "head_factorized",
+            hidden,
+            hidden,
+            factorization.out_bias is not None,
+            head_dim=factorization.head_dim,
+            qk_ranks=qk_ranks,
+            vo_ranks=vo_ranks,
+            qk_bias=factorization.qk_bias,
+        )
+    for name in linear_targets:
+        if ranks[name] is not DENSE:
+            module: LowRankLinear = _install(model, name, svds[name], ranks[name])
+            layers[name] = LayerPlan(
+                "low_rank", module.in_features, module.out_features, module.bias is not None, module.rank
+            )
+    plan = CompressionPlan(layers=layers, dense_parameters=budget.dense_parameters, parameters=count_parameters(model))
+    return plan, report
