@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from .configuration import CompressionConfig
+from .configuration import SUPPORTED_METHODS, CompressionConfig
 from .data import DEFAULT_MODEL_DIR, SHIPPED_CALIBRATION_DESCRIPTION
 
 
@@ -405,7 +405,7 @@ def cmd_demo(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("compression")
-    group.add_argument("--method", choices=["activation_aware"], default=None)
+    group.add_argument("--method", choices=list(SUPPORTED_METHODS), default=None)
     group.add_argument("--target-param-ratio", dest="target_param_ratio", type=float, default=None)
     group.add_argument("--target-modules", dest="target_modules", nargs="+", default=None)
     group.add_argument("--calibration-samples", dest="calibration_samples", type=int, default=None)

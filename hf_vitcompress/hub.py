@@ -32,6 +32,13 @@ TEMPLATE_PATH = Path(__file__).resolve().parent / "model_cards" / "template.md"
 def describe_method(config: dict[str, Any]) -> tuple[str, str]:
     """A title and one paragraph saying what was done, from the saved ``compression_config``."""
     method = config.get("method", "unknown")
+    if method == "head_factorization":
+        return "head-level attention factorization (COMCAT-style)", (
+            "In every attention, each head's query·key and value·output weight products are replaced by low-rank "
+            "factors found by an SVD whitened with the calibration activations (query bias kept in the "
+            "factorization, key bias dropped exactly, value bias folded exactly into the output bias); the MLP "
+            "linears become low-rank pairs; all ranks, per head, are allocated under one global parameter budget."
+        )
     if method != "activation_aware":
         return method, ""
     whitening = {
@@ -110,6 +117,21 @@ def _describe_base(provenance: dict[str, Any], model: nn.Module) -> str:
     if base:
         return f"a local `{cls}` checkpoint (`{Path(base).name}`)"
     return f"a dense `{cls}`"
+
+
+def _plan_row(name: str, layer: Any) -> dict[str, Any]:
+    """One row of the card's plan table: the ranks and the dense vs compressed weights of one module."""
+    if layer.kind == "head_factorized":
+        width = len(layer.qk_ranks) * layer.head_dim
+        dense = 4 * layer.in_features * width + 3 * width * bool(layer.qk_bias) + layer.out_features * layer.bias
+        return {
+            "name": name,
+            "rank": f"QK {layer.qk_ranks} / VO {layer.vo_ranks}",
+            "dense": dense,
+            "factorized": layer.num_parameters,
+        }
+    dense = layer.in_features * layer.out_features + layer.out_features * layer.bias
+    return {"name": name, "rank": layer.rank, "dense": dense, "factorized": layer.num_parameters}
 
 
 def _measured_section(report: EvaluationReport) -> dict[str, Any]:
@@ -251,15 +273,7 @@ def build_model_card(
         macs={"dense": dense_macs, "compressed": macs, "ratio": macs / dense_macs},
         calibration_sentence=calibration,
         compression_config_json=json.dumps(compression_config, indent=2, sort_keys=True),
-        plan_rows=[
-            {
-                "name": name,
-                "rank": layer.rank,
-                "dense": layer.in_features * layer.out_features + layer.out_features * layer.bias,
-                "factorized": layer.num_parameters,
-            }
-            for name, layer in plan.layers.items()
-        ],
+        plan_rows=[_plan_row(name, layer) for name, layer in plan.layers.items()],
         load_id=repo_id or "<path or repo id>",
         model_type=config.model_type,
     )

@@ -175,3 +175,25 @@ def test_head_factorization_bad_input(pixels):
         progress=False,
     )
     assert {layer.kind for layer in small.compression_plan.layers.values()} == {"head_factorized"}
+
+
+def test_deit_and_the_model_card(tmp_path, pixels):
+    from transformers import AutoModelForImageClassification
+
+    from hf_vitcompress import CompressionConfig, build_model_card, compress
+
+    from .conftest import tiny_deit
+
+    dense = tiny_deit()
+    small = compress(
+        dense, CompressionConfig(method="head_factorization", target_param_ratio=0.6), pixels, progress=False
+    )
+    small.save_pretrained(tmp_path)
+    loaded = AutoModelForImageClassification.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(pixel_values=pixels).logits, small.eval()(pixel_values=pixels).logits)
+    card = str(build_model_card(small))
+    attention = dense.deit.layers[0].attention
+    ranks = small.compression_plan.layers["deit.layers.0.attention"]
+    row = f"| `deit.layers.0.attention` | QK {ranks.qk_ranks} / VO {ranks.vo_ranks} | {sum(p.numel() for p in attention.parameters()):,} → {ranks.num_parameters:,} |"
+    assert row in card and "head-level attention factorization" in card
