@@ -4,6 +4,7 @@
     hf-vitcompress compress --model PATH_OR_ID --target-param-ratio 0.5 --calibration DATA --output out/
     hf-vitcompress evaluate --model out/ --data DATA [--baseline PATH_OR_ID] [--json report.json] [--record]
     hf-vitcompress finetune --model out/ --output out-ft/ [--teacher PATH_OR_ID] [--max-steps 300] [--kind soft]
+    hf-vitcompress search-ranks --model hf/ --output hf-searched/   # per-head ranks (method head_factorization)
     hf-vitcompress card --model out-ft/                   # writes out-ft/README.md (measured numbers only)
     hf-vitcompress push --model out-ft/ --repo-id user/name
 
@@ -335,6 +336,50 @@ def cmd_finetune(args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
+def cmd_search_ranks(args: argparse.Namespace) -> dict[str, Any]:
+    """Refine a head-factorized model's per-head ranks on held-out training images, then save it."""
+    from .hub import is_hub_id
+    from .methods.head_factorization.search import search_ranks
+
+    model = load_model(args.model)
+    layers = (getattr(model.config, "compression_plan", None) or {}).get("layers", {})
+    if not any(layer.get("kind") == "head_factorized" for layer in layers.values()):
+        raise ValueError(
+            f"{args.model} was not compressed with --method head_factorization: there are no head ranks to search."
+        )
+    dense_path = args.dense or (getattr(model.config, "compression_provenance", None) or {}).get("base_model")
+    if not dense_path or not (Path(dense_path).exists() or is_hub_id(dense_path) or args.dense):
+        raise ValueError("No dense model: pass --dense PATH_OR_ID (the model that was compressed).")
+    pixels, labels = load_examples(args.data, args.model, "train", None)
+    if labels is None:
+        raise ValueError(f"{args.data} has no labels: the rank search minimizes cross-entropy on labelled images.")
+    # The *last* images of the training split: calibration uses the first ones, evaluation never these.
+    pixels, labels = pixels[-args.search_images :], labels[-args.search_images :]
+    batches = [
+        {"pixel_values": pixels[i : i + args.batch_size], "labels": labels[i : i + args.batch_size]}
+        for i in range(0, len(pixels), args.batch_size)
+    ]
+    searched = search_ranks(
+        model,
+        load_model(dense_path),
+        batches,
+        target_param_ratio=args.target_param_ratio,
+        steps=args.steps,
+        progress=not args.quiet,
+    )
+    searched.config.compression_provenance["rank_search"]["data"] = describe_data(args.data, "train", len(pixels))[
+        "dataset"
+    ]
+    save_atomically(searched, args.output, (Path(args.model) / "preprocessor_config.json",))
+    summary = {
+        "output": args.output,
+        "parameters": searched.compression_plan.parameters,
+        "param_ratio": searched.compression_plan.param_ratio,
+    }
+    print(json.dumps(summary, indent=2))
+    return summary
+
+
 def cmd_card(args: argparse.Namespace) -> str:
     from .hub import build_model_card
 
@@ -475,6 +520,16 @@ def build_parser() -> argparse.ArgumentParser:
     finetune_parser.add_argument("--limit", type=int, default=None, help="measure on at most this many test images")
     finetune_parser.add_argument("--baseline", default=None, help=argparse.SUPPRESS)
 
+    search_parser = sub.add_parser("search-ranks", help="search per-head ranks of a head-factorized model")
+    search_parser.add_argument("--model", required=True, help="checkpoint compressed with --method head_factorization")
+    search_parser.add_argument("--dense", default=None, help="the dense model (default: the recorded base model)")
+    search_parser.add_argument("--data", default="default", help="training DATA (its last images are used)")
+    search_parser.add_argument("--output", required=True)
+    search_parser.add_argument("--steps", type=int, default=200)
+    search_parser.add_argument("--search-images", dest="search_images", type=int, default=4096)
+    search_parser.add_argument("--batch-size", dest="batch_size", type=int, default=64)
+    search_parser.add_argument("--target-param-ratio", dest="target_param_ratio", type=float, default=None)
+
     card_parser = sub.add_parser("card", help="write the model card of a compressed checkpoint")
     card_parser.add_argument("--model", required=True)
     card_parser.add_argument("--output", default=None, help="default: <model>/README.md")
@@ -498,7 +553,15 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("--json", default=None, help="also write the table as JSON")
         command.add_argument("--repeats", type=int, default=20, help="latency repeats (median reported)")
         command.add_argument("--latency-batch-size", dest="latency_batch_size", type=int, default=32)
-    for command in (compress_parser, evaluate_parser, demo_parser, finetune_parser, card_parser, push_parser):
+    for command in (
+        compress_parser,
+        evaluate_parser,
+        demo_parser,
+        finetune_parser,
+        search_parser,
+        card_parser,
+        push_parser,
+    ):
         command.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
 
@@ -515,6 +578,7 @@ def main(argv: list[str] | None = None) -> int:
         "compress": cmd_compress,
         "evaluate": cmd_evaluate,
         "finetune": cmd_finetune,
+        "search-ranks": cmd_search_ranks,
         "card": cmd_card,
         "push": cmd_push,
         "demo": cmd_demo,

@@ -262,6 +262,14 @@ def build_model_card(
     finetuning = provenance.get("finetuning")
     if finetuning:
         variables["finetuning_sentence"] = describe_finetuning(finetuning)
+    search = provenance.get("rank_search")
+    if search:
+        variables["calibration_extra"] = (
+            f" The per-head ranks were then searched for {search['steps']} steps (Gumbel-softmax, β={search['beta']:g}) "
+            f"on {search['images']:,} held-out training images"
+            + (f" ({search['data']})" if search.get("data") else "")
+            + "."
+        )
     variables.update(
         card_data=card_data.to_yaml(),
         model_name=model_name,

@@ -254,3 +254,47 @@ def test_finetune_without_a_teacher_says_what_to_do(tmp_path, capsys):
     )
     assert code == 2 and "--teacher" in capsys.readouterr().err
     assert not (tmp_path / "ft").exists()
+
+
+def test_head_factorization_and_rank_search_from_the_shell(tmp_path, capsys):
+    compressed, searched = tmp_path / "hf", tmp_path / "hf-searched"
+    base = ["--quiet", "--calibration-samples", "64"]
+    assert (
+        main(
+            [
+                "compress",
+                *base,
+                "--method",
+                "head_factorization",
+                "--target-param-ratio",
+                "0.5",
+                "--output",
+                str(compressed),
+            ]
+        )
+        == 0
+    )
+    args = ["search-ranks", "--quiet", "--model", str(compressed), "--output", str(searched), "--steps", "3"]
+    assert main([*args, "--search-images", "128"]) == 0
+    model = AutoModelForImageClassification.from_pretrained(searched)
+    assert model.compression_plan.param_ratio <= 0.5
+    assert model.config.compression_provenance["rank_search"]["images"] == 128
+    assert main(["card", "--quiet", "--model", str(searched)]) == 0
+    assert "searched for 3 steps" in (searched / "README.md").read_text()
+    capsys.readouterr()
+    assert (
+        main(
+            [
+                "search-ranks",
+                "--quiet",
+                "--model",
+                str(DEFAULT_MODEL_DIR),
+                "--output",
+                str(tmp_path / "x"),
+                "--steps",
+                "1",
+            ]
+        )
+        == 2
+    )
+    assert "head_factorization" in capsys.readouterr().err

@@ -1,5 +1,7 @@
 """Head-level product factorization (COMCAT): the attention module and its per-head SVDs."""
 
+import math
+
 import pytest
 import torch
 
@@ -197,3 +199,63 @@ def test_deit_and_the_model_card(tmp_path, pixels):
     ranks = small.compression_plan.layers["deit.layers.0.attention"]
     row = f"| `deit.layers.0.attention` | QK {ranks.qk_ranks} / VO {ranks.vo_ranks} | {sum(p.numel() for p in attention.parameters()):,} → {ranks.num_parameters:,} |"
     assert row in card and "head-level attention factorization" in card
+
+
+# -- rank search --------------------------------------------------------------------------------------
+def test_rank_search_respects_the_budget_and_keeps_other_layers(pixels):
+    from hf_vitcompress import CompressionConfig, compress, count_parameters, search_ranks
+    from hf_vitcompress.methods.head_factorization.search import candidate_ranks
+
+    assert candidate_ranks(64) == [8, 16, 24, 32, 40, 48, 56, 64] and candidate_ranks(12) == [
+        1,
+        2,
+        3,
+        4,
+        5,
+        6,
+        7,
+        8,
+        9,
+        10,
+        11,
+        12,
+    ]
+    dense = tiny_vit()
+    small = compress(
+        dense, CompressionConfig(method="head_factorization", target_param_ratio=0.6), pixels, progress=False
+    )
+    labels = torch.arange(len(pixels)) % 5
+    data = [{"pixel_values": pixels[i : i + 16], "labels": labels[i : i + 16]} for i in range(0, 48, 16)]
+    searched = search_ranks(small, dense, data, steps=30, progress=False)
+    target = 0.6 * small.compression_plan.dense_parameters
+    assert target - (2 * 48 + 1) <= count_parameters(searched) <= target
+    assert searched.compression_plan.parameters == count_parameters(searched)
+    history = searched.rank_search.history
+    assert len(history) == 30 and all(math.isfinite(h["cross_entropy"]) for h in history)
+    # MLP ranks are untouched; attention ranks come from the search.
+    for name, layer in small.compression_plan.layers.items():
+        if layer.kind == "low_rank":
+            assert searched.compression_plan.layers[name] == layer
+    assert searched.config.compression_provenance["rank_search"]["steps"] == 30
+    assert small.compression_plan.parameters == count_parameters(small)  # the input model is unchanged
+    with torch.no_grad():
+        assert torch.isfinite(searched(pixel_values=pixels).logits).all()
+    # A tighter budget, and the errors.
+    tighter = search_ranks(small, dense, data, steps=5, target_param_ratio=0.5, progress=False)
+    assert count_parameters(tighter) <= 0.5 * small.compression_plan.dense_parameters
+    from hf_vitcompress import BudgetError, RankSearchError
+
+    with pytest.raises(BudgetError, match="out of reach"):
+        search_ranks(small, dense, data, steps=1, target_param_ratio=0.2, progress=False)
+    with pytest.raises(ValueError, match="labelled batches"):
+        search_ranks(small, dense, [{"pixel_values": pixels}], steps=1, progress=False)
+    bad = [{"pixel_values": torch.full_like(pixels[:16], float("nan")), "labels": labels[:16]}]
+    with pytest.raises(RankSearchError, match="diverged"):
+        search_ranks(small, dense, bad, steps=2, calibration_batches=0, progress=False)
+    with pytest.raises(ValueError, match="method='head_factorization'"):
+        search_ranks(
+            compress(dense, CompressionConfig(target_param_ratio=0.6, compensation_rank=0), pixels, progress=False),
+            dense,
+            data,
+            steps=1,
+        )
