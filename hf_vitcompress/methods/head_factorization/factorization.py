@@ -64,6 +64,10 @@ class AttentionFactorization:
     head_dim: int
     solver: str
 
+    def rank_costs(self, hidden: int) -> tuple[int, int]:
+        """Weights one rank of a head's Q·Kᵀ (``L``, ``R`` and the query bias) and of its V·O (``D``, ``U``) cost."""
+        return 2 * hidden + self.qk_bias, 2 * hidden
+
 
 def factorize_attention(
     attention: nn.Module, statistics: LayerStatistics | None, damping: float = 1e-6

@@ -29,19 +29,17 @@ ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 def _head_candidates(name: str, factorization: AttentionFactorization, hidden: int) -> list[RankCandidate]:
     head_dim = factorization.head_dim
+    qk_unit, vo_unit = factorization.rank_costs(hidden)
     candidates = []
     for kind, svds in (("qk", factorization.qk), ("vo", factorization.vo)):
         total = max(sum(float(svd.spectrum.sum()) for svd in svds), 1e-30)
         for h, svd in enumerate(svds):
             kept = torch.cat([svd.spectrum.new_zeros(1), svd.spectrum.cumsum(0)])
             errors = (kept[-1] - kept).clamp_min(0) / total
-            if kind == "qk":  # W_Q^h, W_K^h and both biases in the dense model; L, R (+ query bias) per rank
-                unit, dense = (
-                    2 * hidden + factorization.qk_bias,
-                    2 * hidden * head_dim + 2 * head_dim * factorization.qk_bias,
-                )
-            else:  # W_V^h, its bias and W_O^h's columns; D, U per rank (the folded bias is fixed cost)
-                unit, dense = 2 * hidden, 2 * hidden * head_dim + head_dim * factorization.qk_bias
+            if kind == "qk":  # the dense model's W_Q^h, W_K^h and both biases
+                unit, dense = qk_unit, 2 * hidden * head_dim + 2 * head_dim * factorization.qk_bias
+            else:  # W_V^h, its bias and W_O^h's columns (the folded output bias is a fixed cost)
+                unit, dense = vo_unit, 2 * hidden * head_dim + head_dim * factorization.qk_bias
             candidates.append(
                 RankCandidate(
                     f"{name}#{kind}{h}",

@@ -67,16 +67,12 @@ class _MaskedProducts(nn.Module):
         self.register_buffer("keeps", (torch.arange(head_dim)[None, :] < levels[:, None]).float())  # [C, d_h]
         self.register_buffer("ranks", levels.float())
         self.temperature = 5.0
-        self.hard = False
-
-    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
-        if self.hard:
-            return F.one_hot(logits.argmax(-1), logits.shape[-1]).to(logits.dtype)
-        return F.gumbel_softmax(logits, tau=self.temperature, hard=False, dim=-1)
+        self.state: dict[str, torch.Tensor] = {}  # this step's masks, read by the forward hooks
 
     def masks(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(qk_mask [H·d_h], vo_mask [H·d_h], expected qk ranks [H], expected vo ranks [H])``."""
-        p_qk, p_vo = self.probabilities(self.qk_logits), self.probabilities(self.vo_logits)
+        p_qk = F.gumbel_softmax(self.qk_logits, tau=self.temperature, dim=-1)
+        p_vo = F.gumbel_softmax(self.vo_logits, tau=self.temperature, dim=-1)
         return (
             (p_qk @ self.keeps).reshape(-1),
             (p_vo @ self.keeps).reshape(-1),
@@ -164,7 +160,7 @@ def search_ranks(
         set_submodule(working, name, full)
         controller = _MaskedProducts(heads, head_dim, candidate_ranks(head_dim)).to(full.qk_left.weight.device)
         controllers[name] = controller
-        state: dict[str, torch.Tensor] = {}
+        state = controller.state
 
         def qk_hook(_module, _args, output, _state=state):
             return output * _state["qk"].to(output.dtype)
@@ -174,7 +170,6 @@ def search_ranks(
 
         # Scaling the query-side component scales its score term; the value side, its output term.
         handles += [full.qk_left.register_forward_hook(qk_hook), full.vo_down.register_forward_hook(vo_hook)]
-        controller.state = state
     for parameter in working.parameters():
         parameter.requires_grad_(False)
     logits = [p for c in controllers.values() for p in c.parameters()]
@@ -182,17 +177,17 @@ def search_ranks(
     schedule = Schedule(temperature[0], temperature[1], "exponential")
     fixed = _fixed_parameters(working, names)
     hidden = {name: dense_model.get_submodule(name).q_proj.in_features for name in names}
-    qk_unit = {name: 2 * hidden[name] + factorizations[name].qk_bias for name in names}
+    costs = {name: factorizations[name].rank_costs(hidden[name]) for name in names}  # (qk, vo) per rank
 
     def expected_parameters() -> torch.Tensor:
         total = torch.zeros((), dtype=torch.float64)
         for name, controller in controllers.items():
             qk_mask, vo_mask, qk_rank, vo_rank = controller.masks()
             controller.state["qk"], controller.state["vo"] = qk_mask, vo_mask
-            total = total + qk_rank.sum().double() * qk_unit[name] + vo_rank.sum().double() * 2 * hidden[name]
+            total = total + qk_rank.sum().double() * costs[name][0] + vo_rank.sum().double() * costs[name][1]
         return total + fixed
 
-    result = RankSearchResult({}, {})
+    history: list[dict[str, float]] = []
     try:
         for step in tqdm(range(steps), desc="rank search", disable=not progress, unit="step"):
             for controller in controllers.values():
@@ -209,7 +204,7 @@ def search_ranks(
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-            result.history.append(
+            history.append(
                 {"step": step, "cross_entropy": cross_entropy.item(), "expected_parameters": parameters.item()}
             )
     finally:
@@ -223,7 +218,7 @@ def search_ranks(
         qk = [levels[i] for i in controller.qk_logits.argmax(-1).tolist()]
         vo = [levels[i] for i in controller.vo_logits.argmax(-1).tolist()]
         preferences[name] = (qk, vo, controller)
-    qk_ranks, vo_ranks = _project(preferences, factorizations, qk_unit, hidden, fixed, target)
+    qk_ranks, vo_ranks = _project(preferences, factorizations, costs, fixed, target)
 
     searched = copy.deepcopy(model)
     layers = dict(plan.layers)
@@ -258,7 +253,7 @@ def search_ranks(
         "target_param_ratio": ratio,
     }
     searched.config.compression_provenance = provenance
-    searched.rank_search = RankSearchResult(qk_ranks, vo_ranks, result.history)
+    searched.rank_search = RankSearchResult(qk_ranks, vo_ranks, history)
     return searched
 
 
@@ -274,7 +269,7 @@ def _interpolated_preference(logits: torch.Tensor, levels: list[int], rank: int)
     return scores[-1]
 
 
-def _project(preferences, factorizations, qk_unit, hidden, fixed, target):
+def _project(preferences, factorizations, costs, fixed, target):
     """Move ranks one at a time until the model is at most ``target`` and within one step of it."""
     ranks = {
         (name, kind, h): r
@@ -284,7 +279,7 @@ def _project(preferences, factorizations, qk_unit, hidden, fixed, target):
     }
 
     def unit(name, kind):
-        return qk_unit[name] if kind == "qk" else 2 * hidden[name]
+        return costs[name][0 if kind == "qk" else 1]
 
     def total():
         return fixed + sum(r * unit(name, kind) for (name, kind, _), r in ranks.items())
