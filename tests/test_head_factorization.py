@@ -227,6 +227,8 @@ def test_rank_search_respects_the_budget_and_keeps_other_layers(pixels):
     labels = torch.arange(len(pixels)) % 5
     data = [{"pixel_values": pixels[i : i + 16], "labels": labels[i : i + 16]} for i in range(0, 48, 16)]
     searched = search_ranks(small, dense, data, steps=30, progress=False)
+    again = search_ranks(small, dense, data, steps=30, progress=False)
+    assert again.compression_plan.to_dict() == searched.compression_plan.to_dict()  # seeded, reproducible
     target = 0.6 * small.compression_plan.dense_parameters
     assert target - (2 * 48 + 1) <= count_parameters(searched) <= target
     assert searched.compression_plan.parameters == count_parameters(searched)

@@ -68,11 +68,17 @@ class _MaskedProducts(nn.Module):
         self.register_buffer("ranks", levels.float())
         self.temperature = 5.0
         self.state: dict[str, torch.Tensor] = {}  # this step's masks, read by the forward hooks
+        self.generator: torch.Generator | None = None  # set by search_ranks: reproducible, global RNG untouched
+
+    def _sample(self, logits: torch.Tensor) -> torch.Tensor:
+        """Gumbel-softmax sample (F.gumbel_softmax cannot take a generator)."""
+        uniform = torch.rand(logits.shape, generator=self.generator, dtype=logits.dtype).to(logits.device)
+        gumbel = -torch.log(-torch.log(uniform.clamp(1e-20, 1.0 - 1e-7)))
+        return torch.softmax((logits + gumbel) / self.temperature, dim=-1)
 
     def masks(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(qk_mask [H·d_h], vo_mask [H·d_h], expected qk ranks [H], expected vo ranks [H])``."""
-        p_qk = F.gumbel_softmax(self.qk_logits, tau=self.temperature, dim=-1)
-        p_vo = F.gumbel_softmax(self.vo_logits, tau=self.temperature, dim=-1)
+        p_qk, p_vo = self._sample(self.qk_logits), self._sample(self.vo_logits)
         return (
             (p_qk @ self.keeps).reshape(-1),
             (p_vo @ self.keeps).reshape(-1),
@@ -137,7 +143,7 @@ def search_ranks(
     )
     target = math.floor(ratio * plan.dense_parameters)
 
-    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
     statistics = _attention_statistics(dense_model, names, batches[:calibration_batches])
     factorizations: dict[str, AttentionFactorization] = {
         name: factorize_attention(
@@ -159,6 +165,7 @@ def search_ranks(
         full.requires_grad_(False)
         set_submodule(working, name, full)
         controller = _MaskedProducts(heads, head_dim, candidate_ranks(head_dim)).to(full.qk_left.weight.device)
+        controller.generator = generator
         controllers[name] = controller
         state = controller.state
 
