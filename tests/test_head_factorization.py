@@ -261,3 +261,36 @@ def test_rank_search_respects_the_budget_and_keeps_other_layers(pixels):
             data,
             steps=1,
         )
+
+
+def test_head_factorized_model_trains_with_distillation(tmp_path, pixels):
+    from transformers import AutoModelForImageClassification
+
+    from hf_vitcompress import CompressionConfig, DistillationArguments, DistillationTrainer, compress
+
+    dense = tiny_vit()
+    small = compress(
+        dense, CompressionConfig(method="head_factorization", target_param_ratio=0.55), pixels, progress=False
+    )
+    plan = small.config.compression_plan["layers"]["vit.layers.0.attention"]
+    assert len(set(plan["qk_ranks"])) > 1 or len(set(plan["vo_ranks"])) > 1  # irregular: the padded path trains
+    before = {n: p.clone() for n, p in small.named_parameters() if ".attention." in n}
+    labels = torch.arange(len(pixels)) % 5
+    args = DistillationArguments(
+        output_dir=str(tmp_path / "out"),
+        max_steps=3,
+        per_device_train_batch_size=8,
+        learning_rate=1e-2,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        disable_tqdm=True,
+    )
+    dataset = [{"pixel_values": p, "labels": y} for p, y in zip(pixels, labels)]
+    DistillationTrainer(model=small, teacher=dense, args=args, train_dataset=dataset).train()
+    after = dict(small.named_parameters())
+    assert all(not torch.equal(value, after[name]) for name, value in before.items())  # every factor learned
+    small.save_pretrained(tmp_path / "model")
+    loaded = AutoModelForImageClassification.from_pretrained(tmp_path / "model").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(pixel_values=pixels).logits, small.eval()(pixel_values=pixels).logits)
