@@ -39,29 +39,21 @@ from hf_vitcompress import (
     search_ranks,
 )
 from hf_vitcompress.budget import DENSE, allocate_global
-from hf_vitcompress.calibration.gram import LayerStatistics, record_linear_inputs
+from hf_vitcompress.calibration.gram import collect_linear_statistics
 from hf_vitcompress.cli import load_examples, load_model
 from hf_vitcompress.data import DEFAULT_MODEL_DIR, ExampleDataset, iterate_batches, load_fashion_mnist
 from hf_vitcompress.evaluation import topk_accuracies
 from hf_vitcompress.layers import LowRankLinear
 from hf_vitcompress.methods.activation_aware.method import _candidate, _factorize, _install
-from hf_vitcompress.methods.head_factorization.factorization import build_head_factorized, factorize_attention
-from hf_vitcompress.methods.head_factorization.method import _head_candidates
-from hf_vitcompress.plan import CompressionPlan, LayerPlan, count_parameters, set_submodule
+from hf_vitcompress.methods.head_factorization.factorization import factorize_attention, install_head_factorized
+from hf_vitcompress.methods.head_factorization.method import _head_candidates, head_ranks
+from hf_vitcompress.plan import CompressionPlan, LayerPlan, count_parameters
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
 def attention_names(model) -> list[str]:
     return [f"vit.layers.{i}.attention" for i in range(len(model.vit.layers))]
-
-
-def statistics_for(dense, names: list[str], batches) -> dict[str, LayerStatistics]:
-    statistics: dict[str, LayerStatistics] = {}
-    with torch.no_grad(), record_linear_inputs(dense, names, statistics):
-        for batch in batches:
-            dense(pixel_values=batch)
-    return statistics
 
 
 def attention_parameters(model, names) -> int:
@@ -83,15 +75,10 @@ def head_products(base, dense, names, statistics, budget):
     candidates = [c for n, f in factorizations.items() for c in _head_candidates(n, f, hidden)]
     fixed = sum(dense.get_submodule(n).o_proj.out_features for n in names)  # the output biases stay
     ranks = allocate_global(candidates, budget - fixed)
-    layers = {}
-    for name, f in factorizations.items():
-        heads = len(f.qk)
-        qk = [f.head_dim if ranks[f"{name}#qk{h}"] is DENSE else ranks[f"{name}#qk{h}"] for h in range(heads)]
-        vo = [f.head_dim if ranks[f"{name}#vo{h}"] is DENSE else ranks[f"{name}#vo{h}"] for h in range(heads)]
-        set_submodule(model, name, build_head_factorized(dense.get_submodule(name), f, qk, vo))
-        layers[name] = LayerPlan(
-            "head_factorized", hidden, hidden, True, head_dim=f.head_dim, qk_ranks=qk, vo_ranks=vo, qk_bias=f.qk_bias
-        )
+    layers = {
+        name: install_head_factorized(model, name, dense.get_submodule(name), f, *head_ranks(name, f, ranks))
+        for name, f in factorizations.items()
+    }
     finish(model, base, layers)
     return model
 
@@ -139,13 +126,10 @@ def head_pruning(base, dense, names, budget):
     layers = {}
     for name in names:
         attention = dense.get_submodule(name)
-        f = factorize_attention(attention, None)
         heads = attention.num_attention_heads
         vo = [head_dim if (name, h) in kept else 0 for h in range(heads)]
-        qk = [head_dim] * heads
-        set_submodule(model, name, build_head_factorized(attention, f, qk, vo))
-        layers[name] = LayerPlan(
-            "head_factorized", hidden, hidden, True, head_dim=head_dim, qk_ranks=qk, vo_ranks=vo, qk_bias=True
+        layers[name] = install_head_factorized(
+            model, name, attention, factorize_attention(attention, None), [head_dim] * heads, vo
         )
     finish(model, base, layers)
     return model
@@ -194,7 +178,9 @@ def run(args) -> dict:
     names = attention_names(dense)
     mlp = [f"vit.layers.{i}.mlp.{p}" for i in range(len(names)) for p in ("fc1", "fc2")]
     mlp_dense = sum(sum(p.numel() for p in dense.get_submodule(n).parameters()) for n in mlp)
-    statistics = statistics_for(dense, [f"{n}.{p}" for n in names for p in ("q_proj", "o_proj")], calibration_batches)
+    statistics = collect_linear_statistics(
+        dense, [f"{n}.{p}" for n in names for p in ("q_proj", "o_proj")], calibration_batches
+    )
     base = compress(
         dense,
         CompressionConfig(target_modules=["fc1", "fc2"], target_param_ratio=(total - 0.5 * mlp_dense) / total),

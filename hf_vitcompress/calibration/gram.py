@@ -81,3 +81,23 @@ def record_linear_inputs(model: nn.Module, names: Iterable[str], statistics: dic
     finally:
         for handle in handles:
             handle.remove()
+
+
+def collect_linear_statistics(
+    model: nn.Module, names: Iterable[str], batches: Iterable, progress: bool = False
+) -> dict[str, LayerStatistics]:
+    """One calibration pass of ``model`` (in eval mode) over ``batches``, recording the named linears' inputs.
+
+    A batch is a ``pixel_values`` tensor or a dict of forward keyword arguments (labels are not passed on).
+    """
+    from tqdm.auto import tqdm
+
+    statistics: dict[str, LayerStatistics] = {}
+    model.eval()
+    with torch.no_grad(), record_linear_inputs(model, names, statistics):
+        for batch in tqdm(batches, desc="calibration", disable=not progress, unit="batch"):
+            if isinstance(batch, dict):
+                model(**{k: v for k, v in batch.items() if k != "labels"})
+            else:
+                model(pixel_values=batch)
+    return statistics

@@ -110,6 +110,31 @@ def factorize_attention(
     return AttentionFactorization(qk, vo, out_bias, qk_bias, head_dim, root.solver)
 
 
+def install_head_factorized(
+    model: nn.Module,
+    name: str,
+    source: nn.Module,
+    factorization: AttentionFactorization,
+    qk_ranks: list[int],
+    vo_ranks: list[int],
+):
+    """Put the head-factorized version of ``source`` (the dense attention) at ``name`` in ``model``; return its plan entry."""
+    from ...plan import LayerPlan, set_submodule
+
+    set_submodule(model, name, build_head_factorized(source, factorization, qk_ranks, vo_ranks))
+    hidden = source.q_proj.in_features
+    return LayerPlan(
+        "head_factorized",
+        hidden,
+        hidden,
+        factorization.out_bias is not None,
+        head_dim=factorization.head_dim,
+        qk_ranks=list(qk_ranks),
+        vo_ranks=list(vo_ranks),
+        qk_bias=factorization.qk_bias,
+    )
+
+
 def build_head_factorized(
     attention: nn.Module, factorization: AttentionFactorization, qk_ranks: list[int], vo_ranks: list[int]
 ):

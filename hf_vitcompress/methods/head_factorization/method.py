@@ -17,12 +17,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ...budget import ALLOCATORS, DENSE, RankCandidate, make_budget
-from ...calibration.gram import LayerStatistics, record_linear_inputs
+from ...calibration.gram import LayerStatistics, collect_linear_statistics
 from ...configuration import CompressionConfig
 from ...layers import LowRankLinear
-from ...plan import CompressionPlan, LayerPlan, count_parameters, set_submodule
-from ..activation_aware.method import CompressionReport, _candidate, _factorize, _forward, _install
-from .factorization import AttentionFactorization, build_head_factorized, factorize_attention
+from ...plan import CompressionPlan, LayerPlan, count_parameters
+from ..activation_aware.method import CompressionReport, _candidate, _factorize, _install
+from .factorization import AttentionFactorization, factorize_attention, install_head_factorized
 
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
@@ -54,6 +54,21 @@ def _head_candidates(name: str, factorization: AttentionFactorization, hidden: i
     return candidates
 
 
+def head_ranks(
+    name: str, factorization: AttentionFactorization, ranks: dict[str, int | None]
+) -> tuple[list[int], list[int]]:
+    """Per-head ``(qk_ranks, vo_ranks)`` of attention ``name`` from an allocation over :func:`_head_candidates`.
+
+    ``DENSE`` means full rank: exact, and never more weights than the dense projections.
+    """
+    heads, full = len(factorization.qk), factorization.head_dim
+
+    def rank_of(key: str) -> int:
+        return full if ranks[key] is DENSE else ranks[key]
+
+    return [rank_of(f"{name}#qk{h}") for h in range(heads)], [rank_of(f"{name}#vo{h}") for h in range(heads)]
+
+
 def compress_head_factorization(
     model: nn.Module,
     attention_names: list[str],
@@ -67,11 +82,7 @@ def compress_head_factorization(
     inputs = [f"{name}.q_proj" for name in attention_names] + linear_targets
     statistics: dict[str, LayerStatistics] | None = None
     if batches is not None and config.whitening != "none":
-        statistics = {}
-        model.eval()
-        with torch.no_grad(), record_linear_inputs(model, inputs, statistics):
-            for batch in tqdm(batches, desc="calibration", disable=not progress, unit="batch"):
-                _forward(model, batch)
+        statistics = collect_linear_statistics(model, inputs, batches, progress)
 
     factorizations = {
         name: factorize_attention(
@@ -94,26 +105,9 @@ def compress_head_factorization(
 
     layers: dict[str, LayerPlan] = {}
     for name, factorization in factorizations.items():
-        heads = len(factorization.qk)
-
-        def rank_of(key: str, full: int = factorization.head_dim) -> int:
-            rank = ranks[key]  # DENSE here means "full rank": exact, and never more weights than dense
-            return full if rank is DENSE else rank
-
-        qk_ranks = [rank_of(f"{name}#qk{h}") for h in range(heads)]
-        vo_ranks = [rank_of(f"{name}#vo{h}") for h in range(heads)]
-        attention = model.get_submodule(name)
-        set_submodule(model, name, build_head_factorized(attention, factorization, qk_ranks, vo_ranks))
-        hidden = attention.q_proj.in_features
-        layers[name] = LayerPlan(
-            "head_factorized",
-            hidden,
-            hidden,
-            factorization.out_bias is not None,
-            head_dim=factorization.head_dim,
-            qk_ranks=qk_ranks,
-            vo_ranks=vo_ranks,
-            qk_bias=factorization.qk_bias,
+        qk_ranks, vo_ranks = head_ranks(name, factorization, ranks)
+        layers[name] = install_head_factorized(
+            model, name, model.get_submodule(name), factorization, qk_ranks, vo_ranks
         )
     for name in linear_targets:
         if ranks[name] is not DENSE:

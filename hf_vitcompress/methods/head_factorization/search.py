@@ -27,10 +27,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ...budget import BudgetError
-from ...calibration.gram import LayerStatistics, record_linear_inputs
-from ...plan import CompressionPlan, LayerPlan, count_parameters, set_submodule
+from ...calibration.gram import collect_linear_statistics
+from ...plan import CompressionPlan, count_parameters, set_submodule
 from ...training.schedules import Schedule
-from .factorization import AttentionFactorization, build_head_factorized, factorize_attention
+from .factorization import AttentionFactorization, build_head_factorized, factorize_attention, install_head_factorized
 
 
 class RankSearchError(RuntimeError):
@@ -87,15 +87,6 @@ class _MaskedProducts(nn.Module):
         )
 
 
-def _attention_statistics(dense: nn.Module, names: list[str], batches: list[dict]) -> dict[str, LayerStatistics]:
-    statistics: dict[str, LayerStatistics] = {}
-    dense.eval()
-    with torch.no_grad(), record_linear_inputs(dense, [f"{n}.q_proj" for n in names], statistics):
-        for batch in batches:
-            dense(pixel_values=batch["pixel_values"])
-    return statistics
-
-
 def _fixed_parameters(model: nn.Module, names: list[str]) -> int:
     """Weights outside the searched factors: everything but the four factor linears (their output bias stays)."""
     searched = 0
@@ -144,7 +135,7 @@ def search_ranks(
     target = math.floor(ratio * plan.dense_parameters)
 
     generator = torch.Generator().manual_seed(seed)
-    statistics = _attention_statistics(dense_model, names, batches[:calibration_batches])
+    statistics = collect_linear_statistics(dense_model, [f"{n}.q_proj" for n in names], batches[:calibration_batches])
     factorizations: dict[str, AttentionFactorization] = {
         name: factorize_attention(
             dense_model.get_submodule(name),
@@ -162,7 +153,6 @@ def search_ranks(
         full = build_head_factorized(
             dense_model.get_submodule(name), factorization, [head_dim] * heads, [head_dim] * heads
         )
-        full.requires_grad_(False)
         set_submodule(working, name, full)
         controller = _MaskedProducts(heads, head_dim, candidate_ranks(head_dim)).to(full.qk_left.weight.device)
         controller.generator = generator
@@ -230,22 +220,10 @@ def search_ranks(
     searched = copy.deepcopy(model)
     layers = dict(plan.layers)
     for name in names:
-        attention = build_head_factorized(
-            dense_model.get_submodule(name), factorizations[name], qk_ranks[name], vo_ranks[name]
+        layers[name] = install_head_factorized(
+            searched, name, dense_model.get_submodule(name), factorizations[name], qk_ranks[name], vo_ranks[name]
         )
-        attention.to(dtype=next(model.parameters()).dtype)
-        set_submodule(searched, name, attention)
-        old = layers[name]
-        layers[name] = LayerPlan(
-            "head_factorized",
-            old.in_features,
-            old.out_features,
-            old.bias,
-            head_dim=old.head_dim,
-            qk_ranks=qk_ranks[name],
-            vo_ranks=vo_ranks[name],
-            qk_bias=old.qk_bias,
-        )
+        searched.get_submodule(name).to(dtype=next(model.parameters()).dtype)
     new_plan = CompressionPlan(
         layers=layers, dense_parameters=plan.dense_parameters, parameters=count_parameters(searched)
     )
