@@ -8,6 +8,27 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 
+def short_distillation_arguments(output_dir: str, steps: int):
+    """The short soft-KD run every method comparison gives each variant (batch 64, lr 1e-4, cosine, alpha 0.5)."""
+    from hf_vitcompress import DistillationArguments
+
+    return DistillationArguments(
+        output_dir=output_dir,
+        max_steps=steps,
+        per_device_train_batch_size=64,
+        learning_rate=1e-4,
+        lr_scheduler_type="cosine",
+        alpha=0.5,
+        kind="soft",
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+        logging_steps=steps,
+    )
+
+
 def update_results_file(name: str, section: str, path: Path = HERE / "RESULTS.md") -> None:
     """Replace the ``name`` section of RESULTS.md (between its markers), keeping the other benchmarks' sections."""
     marker_start, marker_end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"

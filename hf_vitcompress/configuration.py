@@ -7,7 +7,8 @@ import os
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-SUPPORTED_METHODS = ("activation_aware", "head_factorization")
+SUPPORTED_METHODS = ("activation_aware", "head_factorization", "pruning")
+IMPORTANCE_CHOICES = ("magnitude", "taylor")
 WHITENING_CHOICES = ("gram", "diagonal", "none")
 ALLOCATION_CHOICES = ("global", "uniform")
 NORMALIZATION_CHOICES = ("relative", "absolute")
@@ -23,10 +24,56 @@ class CompressionConfig:
     """
 
     method: str = field(default="activation_aware", metadata={"help": f"One of {SUPPORTED_METHODS}."})
-    target_param_ratio: float = field(
-        default=0.5,
+    target_param_ratio: float | None = field(
+        default=None,
         metadata={
-            "help": "Fraction of the *whole model's* parameters to keep, in (0, 1]. Met exactly (to one rank step)."
+            "help": "Fraction of the *whole model's* parameters to keep, in (0, 1]. Met exactly (to one rank step). "
+            "Default 0.5 for the factorization methods; method='pruning' is budgeted by target_flops_ratio instead."
+        },
+    )
+    target_flops_ratio: float | None = field(
+        default=None,
+        metadata={
+            "help": "method='pruning' only: fraction of the dense model's multiply-accumulates per image to keep, in "
+            "(0, 1] (every linear, the patch embedding and both attention matmuls counted). The exported model meets it "
+            "from below, to one MLP neuron."
+        },
+    )
+    skip_blocks: bool = field(
+        default=False,
+        metadata={"help": "method='pruning' only: whole encoder blocks may be skipped (learned block gates)."},
+    )
+    pruning_importance: str = field(
+        default="magnitude",
+        metadata={
+            "help": "method='pruning', one-shot (compress()): how groups are ranked, 'magnitude' (squared weight norm "
+            "of the group) or 'taylor' ((Σ gradient·weight)² over the calibration data)."
+        },
+    )
+    pruning_warmup_ratio: float = field(
+        default=0.1,
+        metadata={"help": "PruningTrainer: fraction of the training steps spent distilling before the search starts."},
+    )
+    pruning_search_ratio: float = field(
+        default=0.4,
+        metadata={
+            "help": "PruningTrainer: fraction of the training steps of primal-dual search; the rest is post-training "
+            "with the structure fixed (projected onto the budget when the search ends)."
+        },
+    )
+    pruning_count_lr: float = field(
+        default=0.05,
+        metadata={"help": "PruningTrainer: step size of the pruned-fraction variables (per layer and group kind)."},
+    )
+    pruning_dual_lr: float = field(
+        default=0.5,
+        metadata={"help": "PruningTrainer: dual-ascent step size of the FLOPs multiplier."},
+    )
+    pruning_proximal_lr: float = field(
+        default=0.01,
+        metadata={
+            "help": "PruningTrainer: dual-ascent step size of the group-sparsity multiplier, whose proximal step "
+            "shrinks the groups currently selected for pruning toward zero."
         },
     )
     target_modules: list[str] | None = field(
@@ -89,6 +136,32 @@ class CompressionConfig:
             raise ValueError(
                 f"Unknown compression method {self.method!r}. Supported methods: {', '.join(SUPPORTED_METHODS)}."
             )
+        if self.method == "pruning":
+            if self.target_param_ratio is not None:
+                raise ValueError(
+                    "method='pruning' is budgeted in FLOPs: set target_flops_ratio (e.g. 0.5), not target_param_ratio."
+                )
+            if self.target_flops_ratio is None:
+                raise ValueError("method='pruning' needs target_flops_ratio, the fraction of FLOPs to keep (e.g. 0.5).")
+            _check_ratio("target_flops_ratio", self.target_flops_ratio)
+            self.target_flops_ratio = float(self.target_flops_ratio)
+            _check_choice("pruning_importance", self.pruning_importance, IMPORTANCE_CHOICES)
+            stages = (self.pruning_warmup_ratio, self.pruning_search_ratio)
+            if min(stages) < 0 or sum(stages) > 1:
+                raise ValueError(
+                    "pruning_warmup_ratio and pruning_search_ratio must be >= 0 and sum to at most 1, got "
+                    f"{self.pruning_warmup_ratio} and {self.pruning_search_ratio}."
+                )
+            if min(self.pruning_count_lr, self.pruning_dual_lr, self.pruning_proximal_lr) < 0:
+                raise ValueError("pruning_count_lr, pruning_dual_lr and pruning_proximal_lr must be >= 0.")
+        else:
+            if self.target_flops_ratio is not None or self.skip_blocks:
+                raise ValueError(
+                    f"target_flops_ratio and skip_blocks belong to method='pruning'; method={self.method!r} is budgeted "
+                    "by target_param_ratio."
+                )
+            if self.target_param_ratio is None:
+                self.target_param_ratio = 0.5
         if self.compensation_rank is None:
             self.compensation_rank = 8 if self.method == "activation_aware" else 0
         if self.method == "head_factorization":
@@ -104,13 +177,9 @@ class CompressionConfig:
                     f"method='head_factorization' does not support {', '.join(chosen)} yet (it factorizes one-shot "
                     "with whitening 'gram' or 'none' and global rank allocation)."
                 )
-        if isinstance(self.target_param_ratio, bool) or not isinstance(self.target_param_ratio, (int, float)):
-            raise TypeError(f"target_param_ratio must be a number in (0, 1], got {self.target_param_ratio!r}.")
-        self.target_param_ratio = float(self.target_param_ratio)
-        if not 0.0 < self.target_param_ratio <= 1.0:
-            raise ValueError(
-                f"target_param_ratio must be in (0, 1] (the fraction of parameters to keep), got {self.target_param_ratio}."
-            )
+        if self.target_param_ratio is not None:
+            _check_ratio("target_param_ratio", self.target_param_ratio)
+            self.target_param_ratio = float(self.target_param_ratio)
         if self.target_modules is not None:
             if isinstance(self.target_modules, str):
                 self.target_modules = [self.target_modules]
@@ -161,6 +230,13 @@ class CompressionConfig:
     def from_json_file(cls, path: str | os.PathLike) -> CompressionConfig:
         with open(path, encoding="utf-8") as handle:
             return cls.from_dict(json.load(handle))
+
+
+def _check_ratio(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number in (0, 1], got {value!r}.")
+    if not 0.0 < value <= 1.0:  # also refuses NaN
+        raise ValueError(f"{name} must be in (0, 1] (the fraction to keep), got {value}.")
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .attention import HeadFactorizedAttention
 from .layers import LowRankLinear
 from .metrics.functional import topk_accuracy
 from .plan import count_parameters, set_submodule
@@ -47,7 +48,10 @@ def count_macs(model: nn.Module, pixel_values: torch.Tensor) -> int:
     def attention_hook(module: nn.Module, args: tuple, _output: Any) -> None:
         nonlocal total
         batch, tokens = args[0].shape[0], args[0].shape[1]
-        total += batch * tokens * tokens * (module.q_proj.out_features + module.v_proj.out_features)
+        if isinstance(module, HeadFactorizedAttention):  # what really runs: the zero-padded per-head widths
+            total += batch * tokens * tokens * module.attention_matmul_width()
+        else:
+            total += batch * tokens * tokens * (module.q_proj.out_features + module.v_proj.out_features)
 
     handles = []
     for module in model.modules():
@@ -55,7 +59,7 @@ def count_macs(model: nn.Module, pixel_values: torch.Tensor) -> int:
             handles.append(module.register_forward_hook(linear_hook))
         elif isinstance(module, nn.Conv2d):
             handles.append(module.register_forward_hook(conv_hook))
-        elif _is_attention(module):
+        elif _is_attention(module) or isinstance(module, HeadFactorizedAttention):
             handles.append(module.register_forward_hook(attention_hook))
     try:
         model(pixel_values=pixel_values)
@@ -114,6 +118,25 @@ def dense_equivalent(model: nn.Module) -> nn.Module:
         if isinstance(module, LowRankLinear):
             set_submodule(dense, name, module.merge())
     return dense
+
+
+def dense_architecture(model: nn.Module) -> nn.Module:
+    """A randomly initialized dense model of the architecture ``model`` was compressed from.
+
+    For *costs* only (MACs, latency, parameters): it has the original shapes (every head, neuron and
+    block, no factors) but not the original weights, which a compressed checkpoint no longer holds.
+    """
+    from transformers import PreTrainedModel
+
+    from .modeling_utils import CompressedModelMixin
+
+    base = next(
+        cls
+        for cls in type(model).__mro__
+        if issubclass(cls, PreTrainedModel) and not issubclass(cls, CompressedModelMixin)
+    )
+    parameter = next(model.parameters())
+    return base(copy.deepcopy(model.config)).to(device=parameter.device, dtype=parameter.dtype).eval()
 
 
 def compare_models(

@@ -23,7 +23,7 @@ from torch import nn
 
 from .calibration.data import image_size_of
 from .data import DEFAULT_MODEL_DIR
-from .evaluation import EvaluationReport, count_macs, dense_equivalent
+from .evaluation import EvaluationReport, count_macs, dense_architecture
 from .plan import CompressionPlan, count_parameters
 
 TEMPLATE_PATH = Path(__file__).resolve().parent / "model_cards" / "template.md"
@@ -226,7 +226,7 @@ def build_model_card(
     model.eval()
     try:
         macs = count_macs(model, example)
-        dense_macs = count_macs(dense_equivalent(model), example)
+        dense_macs = count_macs(dense_architecture(model), example)
     finally:
         model.train(was_training)
     parameters = count_parameters(model)

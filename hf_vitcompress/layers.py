@@ -80,6 +80,17 @@ class LowRankLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, bias={self.bias is not None}"
 
 
+class SkippedBlock(nn.Module):
+    """What a pruned-away encoder block becomes: the residual stream passes through unchanged.
+
+    Takes whatever a transformer block takes (``hidden_states`` first) and returns ``hidden_states``;
+    it has no weights, so the checkpoint simply holds none for that block.
+    """
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        return hidden_states
+
+
 def low_rank_parameter_count(in_features: int, out_features: int, rank: int, bias: bool) -> int:
     """Parameters of a ``LowRankLinear``: ``rank * (in + out)`` plus the bias."""
     return rank * (in_features + out_features) + (out_features if bias else 0)

@@ -13,7 +13,7 @@ from typing import Any
 from torch import nn
 
 from .attention import HeadFactorizedAttention, head_factorized_parameter_count
-from .layers import LowRankLinear, low_rank_parameter_count
+from .layers import LowRankLinear, SkippedBlock, low_rank_parameter_count
 
 PLAN_VERSION = 1
 
@@ -22,7 +22,7 @@ class PlanMismatchError(ValueError):
     """The plan does not match the model (or the checkpoint) it is applied to."""
 
 
-LAYER_KINDS = ("low_rank", "head_factorized")
+LAYER_KINDS = ("low_rank", "head_factorized", "pruned_linear", "skipped_block")
 
 
 @dataclass
@@ -33,7 +33,11 @@ class LayerPlan:
     * ``kind="head_factorized"``: an attention module became a
       :class:`~hf_vitcompress.attention.HeadFactorizedAttention` with per-head ``qk_ranks`` and
       ``vo_ranks`` (``in_features = out_features`` = hidden size, ``bias`` = output bias,
-      ``qk_bias`` = query bias).
+      ``qk_bias`` = query bias). Structured pruning records pruned attentions this way too (kept heads at
+      full query/key rank, removed heads at rank 0, value dims as ``vo_ranks``).
+    * ``kind="pruned_linear"``: an ``nn.Linear`` kept some of its rows / columns; ``in_features`` /
+      ``out_features`` are the new, smaller, sizes.
+    * ``kind="skipped_block"``: a whole encoder block became a :class:`~hf_vitcompress.layers.SkippedBlock`.
     """
 
     kind: str
@@ -52,6 +56,10 @@ class LayerPlan:
                 f"Unknown layer plan kind {self.kind!r}; this version of hf_vitcompress knows {LAYER_KINDS}. "
                 "Upgrade hf_vitcompress."
             )
+        if self.kind in ("pruned_linear", "skipped_block"):
+            if min(self.in_features, self.out_features) < 1:
+                raise PlanMismatchError(f"Invalid {self.kind} shape {self.in_features}->{self.out_features}.")
+            return
         if self.kind == "low_rank":
             if self.rank is None or not 1 <= self.rank <= min(self.in_features, self.out_features):
                 raise PlanMismatchError(
@@ -77,6 +85,10 @@ class LayerPlan:
             return head_factorized_parameter_count(
                 self.in_features, self.qk_ranks, self.vo_ranks, bool(self.qk_bias), self.bias
             )
+        if self.kind == "pruned_linear":
+            return self.in_features * self.out_features + self.out_features * self.bias
+        if self.kind == "skipped_block":
+            return 0
         return low_rank_parameter_count(self.in_features, self.out_features, self.rank, self.bias)
 
     def to_dict(self) -> dict[str, Any]:
@@ -180,10 +192,27 @@ def apply_plan_structure(model: nn.Module, plan: CompressionPlan) -> None:
         if layer.kind == "head_factorized":
             set_submodule(model, name, _head_factorized_for(name, current, layer))
             continue
+        if layer.kind == "skipped_block":
+            set_submodule(model, name, SkippedBlock())
+            continue
         if not isinstance(current, nn.Linear):
             raise PlanMismatchError(
                 f"The compression plan names {name!r}, a {type(current).__name__}, not an nn.Linear."
             )
+        if layer.kind == "pruned_linear":
+            fits = (
+                current.in_features >= layer.in_features
+                and current.out_features >= layer.out_features
+                and (current.bias is not None) == layer.bias
+            )
+            if not fits:
+                raise PlanMismatchError(
+                    f"The compression plan prunes {name!r} to {layer.in_features}->{layer.out_features} (bias={layer.bias}); "
+                    f"the model has {current.in_features}->{current.out_features} (bias={current.bias is not None})."
+                )
+            factory = {"device": current.weight.device, "dtype": current.weight.dtype}
+            set_submodule(model, name, nn.Linear(layer.in_features, layer.out_features, bias=layer.bias, **factory))
+            continue
         if (current.in_features, current.out_features, current.bias is not None) != (
             layer.in_features,
             layer.out_features,

@@ -298,3 +298,34 @@ def test_head_factorization_and_rank_search_from_the_shell(tmp_path, capsys):
         == 2
     )
     assert "head_factorization" in capsys.readouterr().err
+
+
+def test_prune_and_one_shot_pruning_from_the_shell(tmp_path, capsys):
+    from transformers import AutoModelForImageClassification
+
+    from hf_vitcompress.evaluation import count_macs
+    from hf_vitcompress.methods.pruning.structure import PrunableModel
+
+    dense = PrunableModel.of(AutoModelForImageClassification.from_pretrained(DEFAULT_MODEL_DIR))
+    pruned = tmp_path / "pruned"
+    arguments = ["prune", "--quiet", "--output", str(pruned), "--target-flops-ratio", "0.6", "--skip-blocks"]
+    arguments += ["--max-steps", "6", "--train-limit", "256", "--validation-size", "32", "--save-steps", "3"]
+    arguments += ["--batch-size", "32", "--limit", "200", "--repeats", "2", "--logging-steps", "1"]
+    assert main(arguments) == 0
+    model = AutoModelForImageClassification.from_pretrained(pruned)
+    macs = count_macs(model, torch.zeros(1, 1, 28, 28))
+    assert int(0.6 * dense.dense_macs) - dense.mlp_macs(1) < macs <= int(0.6 * dense.dense_macs)
+    provenance = model.config.compression_provenance
+    assert provenance["pruning"]["algorithm"] == "uvc" and provenance["finetuning"]["steps"] == 6
+    assert (pruned / "vitcompress_evaluation.json").exists()
+    assert "compressed" in capsys.readouterr().out
+
+    one_shot = tmp_path / "one-shot"
+    arguments = ["compress", "--quiet", "--method", "pruning", "--target-flops-ratio", "0.5"]
+    assert main([*arguments, "--calibration-samples", "32", "--output", str(one_shot)]) == 0
+    model = AutoModelForImageClassification.from_pretrained(one_shot)
+    assert count_macs(model, torch.zeros(1, 1, 28, 28)) <= int(0.5 * dense.dense_macs)
+    # A budget out of reach is an error that names the reachable floor, and nothing is written.
+    assert main([*arguments[:-1], "0.001", "--output", str(tmp_path / "none")]) == 2
+    assert "out of reach" in capsys.readouterr().err
+    assert not (tmp_path / "none").exists()

@@ -46,6 +46,9 @@ def _forward(model: nn.Module, batch: torch.Tensor | dict) -> None:
 
 
 def needs_calibration(config: CompressionConfig) -> bool:
+    """Whether ``config`` needs calibration images (every method answers here, so ``compress`` asks once)."""
+    if config.method == "pruning":
+        return config.pruning_importance == "taylor"
     return config.whitening != "none" or config.sequential or config.compensation_rank > 0
 
 

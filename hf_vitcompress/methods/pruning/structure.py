@@ -1,0 +1,198 @@
+"""What structured pruning can remove from a ViT-style model, and what each choice costs in MACs.
+
+Three kinds of groups per encoder block, plus the block itself:
+
+* a **head**: its rows of ``q_proj`` / ``k_proj`` / ``v_proj`` and its columns of ``o_proj``;
+* a **value dim** inside a head: one row of ``v_proj`` and the matching column of ``o_proj``. Every kept
+  head of a block keeps the same number of value dims (each its own best ones), so the pruned attention
+  runs as a plain multi-head attention with a narrower value head, without padding;
+* an **MLP neuron**: one row of ``fc1`` and the matching column of ``fc2``;
+* the **block**: skipped entirely (the residual stream passes through).
+
+MACs are counted the way :func:`hf_vitcompress.evaluation.count_macs` counts a real forward pass (every
+linear and convolution and both attention matmuls); the fixed part outside the blocks (patch embedding,
+pooler, classifier) is *measured* with it once, so the two counts agree by construction.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ...calibration.data import image_size_of
+from ...evaluation import count_macs
+from ...families import family_for
+from ..head_factorization.method import ATTENTION_PROJECTIONS
+
+
+class PruningError(ValueError):
+    """A pruning request that cannot be met (unreachable budget, unsupported model, bad state)."""
+
+
+@dataclass(frozen=True)
+class BlockShape:
+    """The dense shape of one encoder block."""
+
+    heads: int
+    head_dim: int
+    neurons: int
+
+
+@dataclass
+class BlockPruning:
+    """What one block keeps: head indices, each kept head's value dims (same count per head), MLP neurons."""
+
+    heads: list[int]
+    value_dims: list[list[int]]
+    neurons: list[int]
+    skipped: bool = False
+
+    @property
+    def value_dim(self) -> int:
+        return len(self.value_dims[0]) if self.value_dims else 0
+
+    def copy(self) -> BlockPruning:
+        return BlockPruning(list(self.heads), [list(d) for d in self.value_dims], list(self.neurons), self.skipped)
+
+
+@dataclass
+class PrunableModel:
+    """Facts about a model that pruning needs: block names and shapes, token count, hidden size, fixed MACs."""
+
+    block_names: list[str]
+    blocks: list[BlockShape]
+    hidden: int
+    tokens: int
+    fixed_macs: int
+    padded_values: bool = True
+    dense_macs: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.dense_macs = self.fixed_macs + sum(self.block_macs(shape) for shape in self.blocks)
+
+    @classmethod
+    def of(cls, model: nn.Module) -> PrunableModel:
+        """Inspect ``model`` (a dense ViT/DeiT): one forward pass counts its MACs and its token count."""
+        family = family_for(model)
+        prefix = family.block_list_name(model)
+        blocks = family.blocks(model)
+        shapes = []
+        for index, block in enumerate(blocks):
+            attention = getattr(block, "attention", None)
+            mlp = getattr(block, "mlp", None)
+            projections = [getattr(attention, name, None) for name in ATTENTION_PROJECTIONS]
+            if not all(isinstance(p, nn.Linear) for p in projections) or not all(
+                isinstance(getattr(mlp, name, None), nn.Linear) for name in ("fc1", "fc2")
+            ):
+                raise PruningError(
+                    f"Block {prefix}.{index} of {type(model).__name__} is not a dense attention (q_proj/k_proj/v_proj/"
+                    "o_proj) + MLP (fc1/fc2) block: structured pruning needs the dense model (prune before factorizing, "
+                    "and do not prune an already pruned model)."
+                )
+            shapes.append(BlockShape(attention.num_attention_heads, attention.head_dim, mlp.fc1.out_features))
+        config = model.config
+        parameter = next(model.parameters())
+        pixels = torch.zeros(
+            1, config.num_channels, *image_size_of(config), dtype=parameter.dtype, device=parameter.device
+        )
+        seen: list[int] = []
+        handle = blocks[0].register_forward_pre_hook(lambda _module, args: seen.append(args[0].shape[1]))
+        try:
+            total = count_macs(model, pixels)
+        finally:
+            handle.remove()
+        hidden = blocks[0].attention.q_proj.in_features
+        padded = (getattr(config, "_attn_implementation", None) or "eager") != "eager"
+        partial = cls([], [], hidden, seen[0], 0, padded)
+        fixed = total - sum(partial.block_macs(shape) for shape in shapes)
+        return cls([f"{prefix}.{i}" for i in range(len(blocks))], shapes, hidden, seen[0], fixed, padded)
+
+    # -- MACs --------------------------------------------------------------------------------------
+    def attention_macs(self, heads: Any, head_dim: Any, value_dim: Any) -> Any:
+        """Q and K projections, V and O, and both attention matmuls (works on floats and tensors).
+
+        With a fused attention kernel (SDPA, the transformers default) narrower value heads are zero-padded
+        to the query/key width, so the A·V matmul costs the full head width; only eager attention saves it.
+        """
+        n, d = self.tokens, self.hidden
+        attention_values = head_dim if self.padded_values else value_dim
+        return heads * (2 * n * d * head_dim + n * n * head_dim) + heads * (
+            2 * n * d * value_dim + n * n * attention_values
+        )
+
+    def mlp_macs(self, neurons: Any) -> Any:
+        return 2 * self.tokens * self.hidden * neurons
+
+    def block_macs(self, shape: BlockShape) -> int:
+        return self.attention_macs(shape.heads, shape.head_dim, shape.head_dim) + self.mlp_macs(shape.neurons)
+
+    def macs(self, state: list[BlockPruning]) -> int:
+        """MACs per image of the model pruned as ``state`` says."""
+        total = self.fixed_macs
+        for shape, block in zip(self.blocks, state, strict=True):
+            if not block.skipped:
+                total += self.attention_macs(len(block.heads), shape.head_dim, block.value_dim)
+                total += self.mlp_macs(len(block.neurons))
+        return total
+
+    def minimum_macs(self, skip_blocks: bool) -> int:
+        """The least a model can cost: every block skipped but one, or every block at one head/dim/neuron."""
+        smallest = [self.attention_macs(1, shape.head_dim, 1) + self.mlp_macs(1) for shape in self.blocks]
+        if skip_blocks:
+            return self.fixed_macs + min(smallest)
+        return self.fixed_macs + sum(smallest)
+
+    def full_state(self) -> list[BlockPruning]:
+        return [
+            BlockPruning(
+                list(range(shape.heads)),
+                [list(range(shape.head_dim)) for _ in range(shape.heads)],
+                list(range(shape.neurons)),
+            )
+            for shape in self.blocks
+        ]
+
+    def check_budget(self, ratio: float, skip_blocks: bool) -> int:
+        """The MAC budget for ``ratio``, or a :class:`PruningError` naming the smallest reachable ratio."""
+        budget = int(ratio * self.dense_macs)
+        floor = self.minimum_macs(skip_blocks)
+        if budget < floor:
+            hint = "" if skip_blocks else " (skip_blocks=True would allow whole blocks to go, down to one kept block)"
+            raise PruningError(
+                f"target_flops_ratio={ratio} is out of reach: keeping one head with one value dim and one MLP neuron "
+                f"{'in a single block' if skip_blocks else 'per block'} still costs {floor / self.dense_macs:.3f} of the "
+                f"dense FLOPs (the patch embedding and classifier alone {self.fixed_macs / self.dense_macs:.3f}){hint}."
+            )
+        return budget
+
+    def check_state(self, state: list[BlockPruning]) -> None:
+        if len(state) != len(self.blocks):
+            raise PruningError(f"A pruning state for {len(state)} blocks; the model has {len(self.blocks)}.")
+        if all(block.skipped for block in state):
+            raise PruningError("Every block would be skipped; at least one must stay.")
+        for name, shape, block in zip(self.block_names, self.blocks, state, strict=True):
+            if block.skipped:
+                continue
+            ok = (
+                block.heads
+                and len(set(block.heads)) == len(block.heads)
+                and all(0 <= h < shape.heads for h in block.heads)
+                and len(block.value_dims) == len(block.heads)
+                and block.value_dim >= 1
+                and all(len(d) == block.value_dim and all(0 <= i < shape.head_dim for i in d) for d in block.value_dims)
+                and block.neurons
+                and all(0 <= j < shape.neurons for j in block.neurons)
+            )
+            if not ok:
+                raise PruningError(f"Invalid pruning state for {name}: {asdict(block)}")
+
+
+def state_to_dict(state: list[BlockPruning]) -> list[dict[str, Any]]:
+    return [asdict(block) for block in state]
+
+
+def state_from_dict(data: list[dict[str, Any]]) -> list[BlockPruning]:
+    return [BlockPruning(**block) for block in data]
