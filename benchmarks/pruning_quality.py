@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -120,7 +121,7 @@ def run(args) -> dict:
     dense_macs, dense_parameters = count_macs(dense, example), count_parameters(dense)
     results = {"dense_top1": topk_accuracies(dense, test, ks=(1,))["top1"], "steps": args.steps, "ratios": {}}
     for ratio in args.ratios:
-        row = {}
+        row, models = {}, {}
         for name in VARIANTS:
             start = time.perf_counter()
             model = build(name, dense, teacher, train, ratio, args.steps, calibration, example)
@@ -129,17 +130,21 @@ def run(args) -> dict:
             if not name.startswith("UVC"):
                 distill(model, teacher, train, args.steps)
             seconds = time.perf_counter() - start
-            model.eval()
-            latency = measure_latency({"dense": dense, name: model}, latency_batch, repeats=args.repeats)
+            models[name] = model.eval()
             row[name] = {
                 "before": before,
                 "after": topk_accuracies(model, test, ks=(1,))["top1"],
                 "flops_ratio": count_macs(model, example) / dense_macs,
                 "param_ratio": count_parameters(model) / dense_parameters,
-                "latency_ratio": latency[name] / latency["dense"],
                 "seconds": seconds,
             }
             print(f"ratio {ratio} {name}: {row[name]}", flush=True)
+        # Latency: every variant interleaved with the dense model in the same loop, three rounds, median ratio
+        # (single rounds on a shared 2-core machine were seen to be off by 0.1).
+        rounds = [measure_latency({"dense": dense, **models}, latency_batch, repeats=args.repeats) for _ in range(3)]
+        for name in VARIANTS:
+            row[name]["latency_ratio"] = statistics.median(r[name] / r["dense"] for r in rounds)
+            print(f"ratio {ratio} {name}: latency ratio {row[name]['latency_ratio']:.3f}", flush=True)
         results["ratios"][str(ratio)] = row
     return results
 
@@ -165,8 +170,8 @@ def markdown(results: dict) -> str:
         f"{results['steps']} training steps (batch 64, lr 1e-4, soft KD alpha 0.5 from the dense model): UVC spends them "
         "on warm-up, search and post-training, the others on distillation after one-shot pruning. Top-1 in % on the "
         f"10,000 Fashion-MNIST test images (dense **{100 * results['dense_top1']:.2f}%**; one standard error is about "
-        "0.36 points). FLOPs = counted MACs per image incl. attention matmuls; latency = CPU median, batch 64, "
-        "interleaved with the dense model in the same run.",
+        "0.36 points). FLOPs = counted MACs per image incl. attention matmuls; latency = CPU median, batch 64, all "
+        "variants interleaved with the dense model in one loop, median of three rounds.",
         "",
         "| FLOPs target | variant | FLOPs kept | params kept | CPU latency ratio | latency / FLOPs | one-shot top-1 | after training |",
         "|---|---|---|---|---|---|---|---|",
@@ -184,12 +189,10 @@ def markdown(results: dict) -> str:
     for row in results["ratios"].values():
         uvc_after = row["UVC (PruningTrainer)"]["after"]
         uvc_gaps.append(min(uvc_after - v["after"] for k, v in row.items() if not k.startswith("UVC")))
-    latency_ok = all(
-        abs(v["latency_ratio"] / v["flops_ratio"] - 1) <= 0.2
-        for row in results["ratios"].values()
-        for k, v in row.items()
-        if k.startswith("UVC")
-    )
+    latency = {
+        ratio: row["UVC (PruningTrainer)"]["latency_ratio"] / row["UVC (PruningTrainer)"]["flops_ratio"]
+        for ratio, row in results["ratios"].items()
+    }
     lines += [
         "",
         "Reading (computed from the table): UVC minus the best baseline after training is "
@@ -197,9 +200,12 @@ def markdown(results: dict) -> str:
         + " points; the accuracy target (UVC at least as accurate as every baseline) is "
         + ("met" if min(uvc_gaps) >= 0 else "**not met**")
         + ("" if max(abs(g) for g in uvc_gaps) >= 0.0036 else " (within one standard error)")
-        + ". UVC's CPU latency ratio is "
-        + ("within" if latency_ok else "**not** within")
-        + " 20% of its FLOPs ratio.",
+        + ". UVC's CPU latency ratio divided by its FLOPs ratio is "
+        + ", ".join(f"{value:.2f} at {ratio}" for ratio, value in latency.items())
+        + "; the latency target (within 20% of the FLOPs ratio) is "
+        + ("met" if all(abs(v - 1) <= 0.2 for v in latency.values()) else "**not met**")
+        + ". Attention softmax, layer norms and GELU are not multiply-accumulates and shrink less than the MACs do, "
+        "so on this 128-wide model every variant's latency falls more slowly than its FLOPs.",
     ]
     return "\n".join(lines)
 

@@ -66,7 +66,7 @@ class CompressionConfig:
         metadata={"help": "PruningTrainer: step size of the pruned-fraction variables (per layer and group kind)."},
     )
     pruning_dual_lr: float = field(
-        default=0.5,
+        default=0.1,
         metadata={"help": "PruningTrainer: dual-ascent step size of the FLOPs multiplier."},
     )
     pruning_proximal_lr: float = field(

@@ -39,6 +39,16 @@ def describe_method(config: dict[str, Any]) -> tuple[str, str]:
             "factorization, key bias dropped exactly, value bias folded exactly into the output bias); the MLP "
             "linears become low-rank pairs; all ranks, per head, are allocated under one global parameter budget."
         )
+    if method == "pruning":
+        parts = "attention heads, value dims inside heads and MLP neurons" + (
+            ", and whole blocks," if config.get("skip_blocks") else ""
+        )
+        return "structured pruning under a FLOPs budget", (
+            f"{parts[0].upper() + parts[1:]} are removed physically (smaller weight tensors, not masks) until the "
+            f"model needs at most {config.get('target_flops_ratio')} of the dense model's multiply-accumulates per "
+            "image; with PruningTrainer the structure is learned by UVC's primal-dual search with distillation, "
+            f"otherwise groups are ranked one-shot by {config.get('pruning_importance', 'magnitude')} importance."
+        )
     if method != "activation_aware":
         return method, ""
     whitening = {
@@ -119,19 +129,19 @@ def _describe_base(provenance: dict[str, Any], model: nn.Module) -> str:
     return f"a dense `{cls}`"
 
 
-def _plan_row(name: str, layer: Any) -> dict[str, Any]:
-    """One row of the card's plan table: the ranks and the dense vs compressed weights of one module."""
+def _plan_row(name: str, layer: Any, dense: nn.Module) -> dict[str, Any]:
+    """One row of the card's plan table: what the module became, and its dense vs compressed weights
+    (the dense count is read from the architecture the model was compressed from)."""
     if layer.kind == "head_factorized":
-        width = len(layer.qk_ranks) * layer.head_dim
-        dense = 4 * layer.in_features * width + 3 * width * bool(layer.qk_bias) + layer.out_features * layer.bias
-        return {
-            "name": name,
-            "rank": f"QK {layer.qk_ranks} / VO {layer.vo_ranks}",
-            "dense": dense,
-            "factorized": layer.num_parameters,
-        }
-    dense = layer.in_features * layer.out_features + layer.out_features * layer.bias
-    return {"name": name, "rank": layer.rank, "dense": dense, "factorized": layer.num_parameters}
+        shape = f"QK {layer.qk_ranks} / VO {layer.vo_ranks}"
+    elif layer.kind == "pruned_linear":
+        shape = f"{layer.in_features}→{layer.out_features} (pruned)"
+    elif layer.kind == "skipped_block":
+        shape = "skipped"
+    else:
+        shape = f"rank {layer.rank}"
+    dense_weights = sum(p.numel() for p in dense.get_submodule(name).parameters())
+    return {"name": name, "rank": shape, "dense": dense_weights, "factorized": layer.num_parameters}
 
 
 def _measured_section(report: EvaluationReport) -> dict[str, Any]:
@@ -226,7 +236,8 @@ def build_model_card(
     model.eval()
     try:
         macs = count_macs(model, example)
-        dense_macs = count_macs(dense_architecture(model), example)
+        dense = dense_architecture(model)
+        dense_macs = count_macs(dense, example)
     finally:
         model.train(was_training)
     parameters = count_parameters(model)
@@ -281,7 +292,7 @@ def build_model_card(
         macs={"dense": dense_macs, "compressed": macs, "ratio": macs / dense_macs},
         calibration_sentence=calibration,
         compression_config_json=json.dumps(compression_config, indent=2, sort_keys=True),
-        plan_rows=[_plan_row(name, layer) for name, layer in plan.layers.items()],
+        plan_rows=[_plan_row(name, layer, dense) for name, layer in plan.layers.items()],
         load_id=repo_id or "<path or repo id>",
         model_type=config.model_type,
     )

@@ -258,3 +258,18 @@ def test_resume_keeps_multipliers_counts_and_the_final_structure(tmp_path, pixel
     assert resumed.controller.flops_multiplier == pytest.approx(full.controller.flops_multiplier, rel=1e-4)
     torch.testing.assert_close(resumed.controller.fractions, full.controller.fractions, rtol=1e-4, atol=1e-5)
     assert resumed.controller.final_state == full.controller.final_state
+
+
+def test_model_card_of_a_pruned_model(pixels):
+    from hf_vitcompress import build_model_card
+
+    model = tiny_vit()
+    structure = PrunableModel.of(model)
+    config = CompressionConfig(method="pruning", target_flops_ratio=0.5, skip_blocks=True)
+    pruned = export_pruned(model, structure, irregular_state(), config)
+    card = str(build_model_card(pruned))
+    assert "structured pruning under a FLOPs budget" in card
+    assert "`vit.layers.1` | skipped |" in card
+    dense_block = sum(p.numel() for p in model.vit.layers[1].parameters())
+    assert f"{dense_block:,} → 0" in card
+    assert "`vit.layers.0.mlp.fc1` | 48→40 (pruned) |" in card
