@@ -14,7 +14,8 @@ from .families import FamilyAdapter, family_for
 from .layers import LowRankLinear
 from .methods.activation_aware.method import compress_activation_aware, needs_calibration
 from .methods.head_factorization.method import ATTENTION_PROJECTIONS, compress_head_factorization
-from .methods.pruning.method import compress_pruning
+from .methods.pruning.export import export_pruned
+from .methods.pruning.method import plan_pruning
 from .modeling_utils import CompressedModelMixin
 from .plan import CompressionPlan
 
@@ -132,10 +133,12 @@ def compress(
     was_training = model.training
     model.eval()  # the dense model is the reference: no dropout while it is measured
     try:
+        if config.method == "pruning":  # its export copies the model itself
+            structure, state = plan_pruning(model, config, batches)
+            pruned = export_pruned(model, structure, state, config, calibration_images=calibration_images)
+            return pruned.train(was_training)
         working = copy.deepcopy(model)
-        if config.method == "pruning":
-            plan, report = compress_pruning(working, config, batches)
-        elif config.method == "head_factorization":
+        if config.method == "head_factorization":
             linears = [name for block in block_groups for group in block for name in group] + extra
             attention_names = [name.rsplit(".", 1)[0] for name in linears if name.endswith(".q_proj")]
             projections = {f"{a}.{p}" for a in attention_names for p in ATTENTION_PROJECTIONS}
@@ -156,10 +159,7 @@ def compress(
         model.train(was_training)
     working.train(was_training)
 
-    compressed = finish_compressed(working, model, config, plan, report, calibration_images)
-    if config.method == "pruning":
-        compressed.config.compression_provenance.update({"dense_macs": report["dense_macs"], "macs": report["macs"]})
-    return compressed
+    return finish_compressed(working, model, config, plan, report, calibration_images)
 
 
 def finish_compressed(

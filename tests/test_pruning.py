@@ -243,6 +243,31 @@ def test_pruning_trainer_searches_projects_and_exports(tmp_path, pixels):
     assert provenance["pruning"]["algorithm"] == "uvc" and provenance["finetuning"]["steps"] == 8
 
 
+def test_export_before_training_does_not_freeze_the_structure(tmp_path, pixels):
+    config = CompressionConfig(method="pruning", target_flops_ratio=0.5)
+    args = DistillationArguments(output_dir=str(tmp_path), max_steps=4, report_to=[], use_cpu=True, save_strategy="no")
+    trainer = PruningTrainer(
+        model=tiny_vit(), teacher=tiny_vit(), compression_config=config, args=args, train_dataset=dataset(pixels)
+    )
+    early = trainer.export()  # one-shot magnitude projection of the untrained model
+    assert count_macs(early, pixels[:1]) <= int(0.5 * trainer.structure.dense_macs)
+    assert trainer.controller.final_state is None and trainer.controller.stage == "warmup"
+    with pytest.raises(ValueError, match="load_best_model_at_end"):
+        PruningTrainer(
+            model=tiny_vit(),
+            teacher=tiny_vit(),
+            compression_config=config,
+            args=DistillationArguments(
+                output_dir=str(tmp_path),
+                report_to=[],
+                use_cpu=True,
+                eval_strategy="steps",
+                save_strategy="steps",
+                load_best_model_at_end=True,
+            ),
+        )
+
+
 def test_resume_keeps_multipliers_counts_and_the_final_structure(tmp_path, pixels):
     full = run_trainer(tmp_path, pixels, save_strategy="steps", save_steps=4, skip_blocks=False)
     saved = json.loads((tmp_path / "run" / "checkpoint-4" / "pruning_state.json").read_text())

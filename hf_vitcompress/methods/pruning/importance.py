@@ -6,8 +6,8 @@ estimates of what removing the group costs, so a group of groups (a head, a bloc
 * ``magnitude``: the group's squared weight norm (biases included);
 * ``taylor``: ``(Σ_w ∂L/∂w · w)²`` summed over batches, the first-order estimate of the loss change when
   the group is zeroed (Molchanov et al., 2019). The loss is the cross-entropy against the labels when
-  the batches carry them, else against the dense model's own predictions (so unlabeled calibration
-  images work).
+  the batches given to :func:`taylor_scores` carry them, else against the dense model's own predictions.
+  ``compress()`` passes its calibration images, which carry no labels, so it uses the predictions.
 """
 
 from __future__ import annotations
@@ -68,13 +68,15 @@ def _parameters(attention: nn.Module, mlp: nn.Module) -> dict[str, nn.Parameter]
 
 
 @torch.no_grad()
-def magnitude_scores(model: nn.Module, structure: PrunableModel) -> GroupScores:
+def magnitude_scores(model: nn.Module, structure: PrunableModel, include_query_key: bool = True) -> GroupScores:
+    """Squared weight norms per group. ``include_query_key=False`` scores a head by its value/output weights
+    only: what UVC's search ranks and shrinks (a head without them contributes nothing, whatever its q/k)."""
     heads, dims, neurons = [], [], []
     for name in structure.block_names:
         attention, mlp = _block_parts(model, name)
         squares = {n: p.detach().double() ** 2 for n, p in _parameters(attention, mlp).items()}
         qk, vo = _head_terms(attention, squares)
-        heads.append(qk + vo.sum(1))
+        heads.append(qk * include_query_key + vo.sum(1))
         dims.append(vo)
         neurons.append(_neuron_terms(mlp, squares))
     return GroupScores(heads, dims, neurons)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from .importance import GroupScores
-from .structure import BlockPruning, PrunableModel
+from .structure import BlockPruning, PrunableModel, PruningError
 
 
 def _sorted(indices: list[int], scores: torch.Tensor, descending: bool = False) -> list[int]:
@@ -28,7 +28,6 @@ def project_to_budget(
 ) -> list[BlockPruning]:
     """The pruning state closest to ``state`` (default: nothing pruned) that costs at most ``budget`` MACs."""
     state = [block.copy() for block in (state or structure.full_state())]
-    n, d = structure.tokens, structure.hidden
     # Kept groups sorted weakest first, so each block's next candidate of each kind is at the front.
     for b, block in enumerate(state):
         block.neurons = _sorted(block.neurons, scores.neurons[b])
@@ -58,7 +57,7 @@ def project_to_budget(
             moves.append((head_value(b, 0) / saved, "head"))
         if block.value_dim > 1:
             value = sum(float(scores.value_dims[b][h][dims[0]]) for h, dims in zip(block.heads, block.value_dims))
-            moves.append((value / (len(block.heads) * (2 * n * d + n * n * (not structure.padded_values))), "dim"))
+            moves.append((value / structure.value_dim_macs(len(block.heads)), "dim"))
         if skip_blocks:
             value = sum(head_value(b, p) for p in range(len(block.heads)))
             value += float(scores.neurons[b][block.neurons].sum())
@@ -77,7 +76,10 @@ def project_to_budget(
             if not (kind == "skip" and last_block)
         ]
         if not candidates:
-            break  # unreachable: check_budget reports it before anyone gets here
+            raise PruningError(
+                f"Cannot prune below {cost / structure.dense_macs:.3f} of the dense FLOPs from this state; the budget is "
+                f"{budget / structure.dense_macs:.3f} (allow skip_blocks=True, or a larger target_flops_ratio)."
+            )
         _, b, kind = min(candidates)
         block = state[b]
         if kind == "neuron":
@@ -121,7 +123,7 @@ def project_to_budget(
             if gone and macs <= slack:
                 h = max(gone, key=lambda h: head_with_dims(b, h)[0])
                 options.append((head_with_dims(b, h)[0] / macs, b, "head", h))
-            macs = len(block.heads) * (2 * n * d + n * n * (not structure.padded_values))
+            macs = structure.value_dim_macs(len(block.heads))
             if block.value_dim < shape.head_dim and macs <= slack:
                 total = sum(
                     max(float(scores.value_dims[b][h][i]) for i in range(shape.head_dim) if i not in dims)

@@ -93,7 +93,8 @@ class UVCController(CompressionController):
         def hook(module: nn.Module, args: tuple) -> tuple | None:
             if self.stage == "warmup":
                 return None
-            mask = self.attention_mask(b) if kind == "attention" else self.neuron_mask(b)
+            device = args[0].device
+            mask = self.attention_mask(b, device) if kind == "attention" else self.neuron_mask(b, device)
             return (args[0] * mask.to(device=args[0].device, dtype=args[0].dtype), *args[1:])
 
         return hook
@@ -110,20 +111,13 @@ class UVCController(CompressionController):
     # -- masks -------------------------------------------------------------------------------------
     @torch.no_grad()
     def group_norms(self, model: nn.Module) -> list[dict[str, torch.Tensor]]:
-        """Per block: the norm of each head's and each value dim's value/output weights, and of each neuron."""
-        norms = []
-        for name, shape in zip(self.structure.block_names, self.structure.blocks, strict=True):
-            block = model.get_submodule(name)
-            v, o, fc1, fc2 = block.attention.v_proj, block.attention.o_proj, block.mlp.fc1, block.mlp.fc2
-            dims = v.weight.float().pow(2).sum(1) + o.weight.float().pow(2).sum(0)
-            if v.bias is not None:
-                dims = dims + v.bias.float().pow(2)
-            neurons = fc1.weight.float().pow(2).sum(1) + fc2.weight.float().pow(2).sum(0)
-            if fc1.bias is not None:
-                neurons = neurons + fc1.bias.float().pow(2)
-            dims = dims.view(shape.heads, shape.head_dim).cpu()
-            norms.append({"heads": dims.sum(1).sqrt(), "value_dims": dims.sqrt(), "neurons": neurons.cpu().sqrt()})
-        return norms
+        """Per block: the norm of each head's and each value dim's value/output weights, and of each neuron
+        (the same scores the final projection uses, so the search and the projection agree on the ranking)."""
+        scores = magnitude_scores(model, self.structure, include_query_key=False)
+        return [
+            {"heads": h.float().sqrt(), "value_dims": d.float().sqrt(), "neurons": n.float().sqrt()}
+            for h, d, n in zip(scores.heads, scores.value_dims, scores.neurons, strict=True)
+        ]
 
     def _refresh_orders(self, model: nn.Module) -> None:
         self._norms = self.group_norms(model)
@@ -140,14 +134,22 @@ class UVCController(CompressionController):
         hard = (rank >= torch.floor(pruned.detach())).float()
         return _straight_through(hard, torch.sigmoid(rank + 0.5 - pruned))
 
-    def attention_mask(self, b: int) -> torch.Tensor:
+    def _fixed(self, b: int, which: int, device: torch.device | None) -> torch.Tensor:
+        if device is None:
+            return self._fixed_masks[b][which]
+        key = (b, which, device)
+        if key not in self._fixed_on_device:  # copied to the model's device once, not in every forward
+            self._fixed_on_device[key] = self._fixed_masks[b][which].to(device)
+        return self._fixed_on_device[key]
+
+    def attention_mask(self, b: int, device: torch.device | None = None) -> torch.Tensor:
         if self.final_state is not None:
-            return self._fixed_masks[b][0]
+            return self._fixed(b, 0, device)
         return (self._kept(b, "heads")[:, None] * self._kept(b, "value_dims")).reshape(-1)
 
-    def neuron_mask(self, b: int) -> torch.Tensor:
+    def neuron_mask(self, b: int, device: torch.device | None = None) -> torch.Tensor:
         if self.final_state is not None:
-            return self._fixed_masks[b][1]
+            return self._fixed(b, 1, device)
         return self._kept(b, "neurons")
 
     def gate(self, b: int, training: bool) -> torch.Tensor:
@@ -290,20 +292,26 @@ class UVCController(CompressionController):
             state[int(self.gate_logits.argmax())].skipped = False
         return state
 
+    def projected_state(self, model: nn.Module) -> list[BlockPruning]:
+        """The fixed structure: the final one once the search has ended, else the current search state (or,
+        before the search, nothing pruned) projected onto the budget. Changes nothing in the controller."""
+        if self.final_state is not None:
+            return self.final_state
+        start = self.searched_state(model) if self.stage == "search" else None
+        scores = magnitude_scores(model, self.structure, include_query_key=False)
+        return project_to_budget(self.structure, scores, self.budget, start, skip_blocks=self.config.skip_blocks)
+
     def finalize(self, model: nn.Module) -> list[BlockPruning]:
         """End the search: project its structure onto the budget exactly and fix the masks."""
         if self.final_state is None:
-            start = self.searched_state(model) if self.stage == "search" else None
-            scores = magnitude_scores(model, self.structure)
-            self.set_final_state(
-                project_to_budget(self.structure, scores, self.budget, start, skip_blocks=self.config.skip_blocks)
-            )
+            self.set_final_state(self.projected_state(model))
         self.stage = "post"
         return self.final_state
 
     def set_final_state(self, state: list[BlockPruning]) -> None:
         self.structure.check_state(state)
         self.final_state = state
+        self._fixed_on_device = {}
         self._fixed_masks = []
         for block, shape in zip(state, self.structure.blocks, strict=True):
             attention = torch.zeros(shape.heads, shape.head_dim)

@@ -123,6 +123,10 @@ class PrunableModel:
             2 * n * d * value_dim + n * n * attention_values
         )
 
+    def value_dim_macs(self, heads: int) -> int:
+        """What one more (or one fewer) value dim in each of ``heads`` heads costs."""
+        return self.attention_macs(heads, 0, 1)
+
     def mlp_macs(self, neurons: Any) -> Any:
         return 2 * self.tokens * self.hidden * neurons
 

@@ -50,26 +50,38 @@ class PruningTrainer(DistillationTrainer):
         if model is None or isinstance(model, CompressedModelMixin):
             raise ValueError("PruningTrainer prunes a dense model: pass the original (uncompressed) checkpoint.")
         self.compression_config = compression_config
+        if args is not None:
+            if args.fp16:
+                raise NotImplementedError(
+                    "PruningTrainer does not support fp16 yet: the gradient scaler scales the search variables' gradients "
+                    "too (and skips steps). Train in bf16 or fp32."
+                )
+            if args.load_best_model_at_end:
+                raise ValueError(
+                    "load_best_model_at_end would reload weights from a checkpoint of another stage (the best score usually "
+                    "comes from before pruning) under the final structure; PruningTrainer does not support it."
+                )
+            if args.world_size > 1:
+                raise NotImplementedError(
+                    "PruningTrainer runs in one process for now: the search variables (pruned fractions, gates, "
+                    "multipliers) are not yet synchronized across processes, so each would prune differently."
+                )
         self.structure = PrunableModel.of(model)
         budget = self.structure.check_budget(compression_config.target_flops_ratio, compression_config.skip_blocks)
         self.controller = UVCController(self.structure, compression_config, budget)
         callbacks = [*(callbacks or []), CompressionCallback(controllers=[self.controller])]
         super().__init__(model=model, teacher=teacher, args=args, callbacks=callbacks, **kwargs)
-        if self.args.world_size > 1:
-            raise NotImplementedError(
-                "PruningTrainer runs in one process for now: the search variables (pruned fractions, gates, "
-                "multipliers) are not yet synchronized across processes, so each would prune differently."
-            )
         self.controller.attach(model)
 
     def export(self) -> nn.Module:
         """The pruned model, physically sliced, as the family's compressed class (``save_pretrained`` ready).
 
-        If training stopped before the search ended, the current search state is projected onto the
-        budget first (the result then had no post-training).
+        If training stopped before the search ended (or has not started), the current search state is
+        projected onto the budget (the result then had no post-training); the controller is left as it
+        is, so training can go on and a later export reflects it.
         """
         model = self.accelerator.unwrap_model(self.model)
-        state = self.controller.finalize(model)
+        state = self.controller.projected_state(model)
         self.controller.detach()
         try:
             args = self.args
