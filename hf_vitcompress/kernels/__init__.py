@@ -1,0 +1,1 @@
+"""Triton kernels for factorized layers, each with a PyTorch reference and fallback."""
