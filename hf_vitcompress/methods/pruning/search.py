@@ -248,27 +248,24 @@ class UVCController(CompressionController):
         """Multiply the groups selected for pruning by ``factor``; return their remaining normalized norm."""
         remaining = []
         for b, name in enumerate(self.structure.block_names):
-            block, shape = model.get_submodule(name), self.structure.blocks[b]
+            block = model.get_submodule(name)
             dims = (self._selected(b, "heads")[:, None] | self._selected(b, "value_dims")).reshape(-1)
             neurons = self._selected(b, "neurons")
-            v, o, fc1, fc2 = block.attention.v_proj, block.attention.o_proj, block.mlp.fc1, block.mlp.fc2
-            for mask, rows, columns in ((dims, [v], [o]), (neurons, [fc1], [fc2])):
+            pairs = ((dims, block.attention.v_proj, block.attention.o_proj), (neurons, block.mlp.fc1, block.mlp.fc2))
+            for mask, rows, columns in pairs:  # a group is rows of the first linear and columns of the second
                 if not bool(mask.any()):
                     continue
-                scale = torch.where(mask, factor, 1.0).to(v.weight.device)
-                for linear in rows:
-                    linear.weight.mul_(scale[:, None].to(linear.weight.dtype))
-                    if linear.bias is not None:
-                        linear.bias.mul_(scale.to(linear.bias.dtype))
-                for linear in columns:
-                    linear.weight.mul_(scale[None, :].to(linear.weight.dtype))
+                scale = torch.where(mask, factor, 1.0).to(rows.weight.device)
+                rows.weight.mul_(scale[:, None].to(rows.weight.dtype))
+                if rows.bias is not None:
+                    rows.bias.mul_(scale.to(rows.bias.dtype))
+                columns.weight.mul_(scale[None, :].to(columns.weight.dtype))
             norms = self._norms[b]
             dim_norms = norms["value_dims"].reshape(-1)
             remaining.append(float(factor * dim_norms[dims.cpu()].sum() / dim_norms.sum().clamp_min(1e-12)))
             remaining.append(
                 float(factor * norms["neurons"][neurons.cpu()].sum() / norms["neurons"].sum().clamp_min(1e-12))
             )
-            del shape
         return sum(remaining) / max(len(remaining), 1)
 
     @torch.no_grad()
