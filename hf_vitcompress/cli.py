@@ -125,19 +125,31 @@ def _config_from_args(args: argparse.Namespace) -> CompressionConfig:
 
 
 def cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
+    """Compress and save. Under ``accelerate launch`` every process calibrates on its share of the
+    images (on its own device) and ends with the same model; the main process saves it."""
+    from .calibration.distributed import CalibrationProcesses
     from .compress import compress
 
     model_path = args.model or str(DEFAULT_MODEL_DIR)
     config = _config_from_args(args)
     model = load_model(model_path)
+    processes = CalibrationProcesses.current()
+    if processes.is_distributed:
+        from accelerate import PartialState
+
+        model.to(PartialState().device)
     calibration = load_batches(args.calibration, model_path, "calibration", config.calibration_samples)
-    compressed = compress(model, config, calibration_data=calibration, progress=not args.quiet)
+    compressed = compress(model, config, calibration_data=calibration, progress=not args.quiet and processes.is_main)
     compressed.config.compression_provenance["calibration_data"] = (
         SHIPPED_CALIBRATION_DESCRIPTION
         if args.calibration in ("default", "fashion-mnist")
         else Path(args.calibration).name
     )
-    output = save_atomically(compressed, args.output, (Path(model_path) / "preprocessor_config.json",))
+    compressed.config.compression_provenance["calibration_processes"] = processes.count
+    output = Path(args.output)
+    if processes.is_main:
+        save_atomically(compressed.cpu(), output, (Path(model_path) / "preprocessor_config.json",))
+    processes.wait()  # nobody reports the output before it exists
     plan = compressed.compression_plan
     summary = {
         "output": str(output),
@@ -146,7 +158,8 @@ def cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
         "param_ratio": plan.param_ratio,
         "factorized_layers": len(plan.layers),
     }
-    print(json.dumps(summary, indent=2))
+    if processes.is_main:
+        print(json.dumps(summary, indent=2))
     return summary
 
 

@@ -9,6 +9,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from .calibration.data import image_size_of, iter_calibration_batches
+from .calibration.distributed import CalibrationProcesses
 from .configuration import CompressionConfig
 from .families import FamilyAdapter, family_for
 from .layers import LowRankLinear
@@ -92,6 +93,11 @@ def compress(
     ``config.calibration_samples`` images are used. The result is an instance of the family's
     ``Compressed*`` class (a subclass of the input's class): it saves with ``save_pretrained`` and
     loads back with ``AutoModelForImageClassification.from_pretrained`` after ``import hf_vitcompress``.
+
+    Under ``accelerate launch`` / ``torchrun`` (several processes), every process calls ``compress``
+    with the same model, config and calibration data; each runs the calibration forward passes on its
+    share of the batches, the statistics are summed over processes, and every process returns the same
+    compressed model (see :mod:`hf_vitcompress.calibration.distributed`).
     """
     if not isinstance(config, CompressionConfig):
         raise TypeError(f"config must be a CompressionConfig, got {type(config).__name__}.")
@@ -111,7 +117,9 @@ def compress(
 
     batches = None
     calibration_images = 0
+    processes = CalibrationProcesses()
     if needs_calibration(config):
+        processes = CalibrationProcesses.current()
         parameter = next(model.parameters())
         batches = iter_calibration_batches(
             calibration_data,
@@ -128,13 +136,13 @@ def compress(
                 calibration_images += len(batch)
                 yield batch
 
-        batches = counted(batches)
+        batches = processes.shard(counted(batches))  # every process counts all images, runs its share
 
     was_training = model.training
     model.eval()  # the dense model is the reference: no dropout while it is measured
     try:
         if config.method == "pruning":  # its export copies the model itself
-            structure, state = plan_pruning(model, config, batches)
+            structure, state = plan_pruning(model, config, batches, processes)
             pruned = export_pruned(model, structure, state, config, calibration_images=calibration_images)
             return pruned.train(was_training)
         working = copy.deepcopy(model)
@@ -143,7 +151,9 @@ def compress(
             attention_names = [name.rsplit(".", 1)[0] for name in linears if name.endswith(".q_proj")]
             projections = {f"{a}.{p}" for a in attention_names for p in ATTENTION_PROJECTIONS}
             others = [name for name in linears if name not in projections]
-            plan, report = compress_head_factorization(working, attention_names, others, config, batches, progress)
+            plan, report = compress_head_factorization(
+                working, attention_names, others, config, batches, progress, processes
+            )
         else:
             plan, report = compress_activation_aware(
                 working,
@@ -154,6 +164,7 @@ def compress(
                 batches,
                 (family.blocks(model), family.blocks(working)),
                 progress=progress,
+                processes=processes,
             )
     finally:
         model.train(was_training)

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .distributed import CalibrationProcesses
+
 
 class NonFiniteActivationError(ValueError):
     """A layer input contained NaN/inf during calibration (the model or the data is broken)."""
@@ -100,4 +102,33 @@ def collect_linear_statistics(
                 model(**{k: v for k, v in batch.items() if k != "labels"})
             else:
                 model(pixel_values=batch)
+    return statistics
+
+
+def sum_over_processes(
+    statistics: dict[str, LayerStatistics], processes: CalibrationProcesses, model: nn.Module
+) -> dict[str, LayerStatistics]:
+    """Add every process's partial statistics up, in place, so all processes hold the full-data sums.
+
+    First checks that all processes calibrated the same layers of a model in the same dtype (a
+    mismatch would make the collectives hang or silently mix different models).
+    """
+    if not processes.is_distributed:
+        return statistics
+    parameter = next(model.parameters())
+    processes.check_same(
+        "the calibrated model",
+        {
+            "model dtype": str(parameter.dtype),
+            "layers": {name: tuple(s.gram.shape) for name, s in sorted(statistics.items())},
+        },
+    )
+    names = sorted(statistics)
+    for name in names:
+        layer = statistics[name]
+        if layer.linear_sum is None:
+            layer.linear_sum = torch.zeros_like(layer.abs_sum)
+        processes.sum_([layer.gram, layer.abs_sum, layer.linear_sum])
+    for name, tokens in zip(names, processes.sum_numbers([statistics[n].tokens for n in names]), strict=True):
+        statistics[name].tokens = int(tokens)
     return statistics

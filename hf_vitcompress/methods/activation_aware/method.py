@@ -21,7 +21,8 @@ from tqdm.auto import tqdm
 
 from ...budget import ALLOCATORS, DENSE, RankCandidate, make_budget
 from ...calibration.blocks import BlockInputs, capture_block_inputs, capture_module_input
-from ...calibration.gram import LayerStatistics, record_linear_inputs
+from ...calibration.distributed import SINGLE_PROCESS, CalibrationProcesses
+from ...calibration.gram import LayerStatistics, record_linear_inputs, sum_over_processes
 from ...configuration import CompressionConfig
 from ...layers import LowRankLinear
 from ...plan import CompressionPlan, LayerPlan, count_parameters, set_submodule
@@ -96,6 +97,7 @@ def compress_activation_aware(
     batches: Iterator[torch.Tensor | dict] | None,
     blocks: tuple[nn.ModuleList, nn.ModuleList],
     progress: bool = True,
+    processes: CalibrationProcesses = SINGLE_PROCESS,
 ) -> tuple[CompressionPlan, CompressionReport]:
     """Factorize ``model``'s targets in place (``model`` is a private copy of ``dense_model``).
 
@@ -103,6 +105,9 @@ def compress_activation_aware(
     ``(dense_blocks, working_blocks)``; ``batches`` yields ``pixel_values`` tensors (or dicts of
     forward keyword arguments). Nothing here is vision-specific: :func:`hf_vitcompress.compress`
     supplies the family's layout. Returns the plan and a report.
+
+    With several ``processes``, ``batches`` is this process's share: every statistic is summed over
+    processes and the compensation residuals are trained data-parallel, so all processes end equal.
     """
     report = CompressionReport()
     targets = [name for block in block_groups for group in block for name in group] + list(extra_targets)
@@ -122,6 +127,7 @@ def compress_activation_aware(
             else:
                 for batch in tqdm(batches, desc="calibration", disable=not progress, unit="batch"):
                     _forward(model, batch)
+        sum_over_processes(statistics, processes, model)
 
     # 2-3. spectra and one global allocation
     svds = _factorize(
@@ -151,6 +157,7 @@ def compress_activation_aware(
                     group_statistics: dict[str, LayerStatistics] = {}
                     with torch.no_grad(), record_linear_inputs(model, chosen[:1], group_statistics):
                         working_inputs.through(working_blocks[index])
+                    sum_over_processes(group_statistics, processes, model)
                     shared = group_statistics[chosen[0]]  # the group's linears read the same input
                     svds.update(_factorize(model, chosen, dict.fromkeys(chosen, shared), config))
                 installed = {name: _install(model, name, svds[name], ranks[name]) for name in chosen}
@@ -169,6 +176,8 @@ def compress_activation_aware(
                         residual_rank=config.compensation_rank,
                         epochs=config.compensation_epochs,
                         lr=config.compensation_lr,
+                        processes=processes,
+                        batches_per_epoch=len(dense_inputs),
                     )
             dense_inputs = dense_inputs.through(dense_blocks[index])
             working_inputs = working_inputs.through(working_blocks[index])

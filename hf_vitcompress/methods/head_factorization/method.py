@@ -17,7 +17,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ...budget import ALLOCATORS, DENSE, RankCandidate, make_budget
-from ...calibration.gram import LayerStatistics, collect_linear_statistics
+from ...calibration.distributed import SINGLE_PROCESS, CalibrationProcesses
+from ...calibration.gram import LayerStatistics, collect_linear_statistics, sum_over_processes
 from ...configuration import CompressionConfig
 from ...layers import LowRankLinear
 from ...plan import CompressionPlan, LayerPlan, count_parameters
@@ -76,13 +77,17 @@ def compress_head_factorization(
     config: CompressionConfig,
     batches: Iterator[torch.Tensor | dict] | None,
     progress: bool = True,
+    processes: CalibrationProcesses = SINGLE_PROCESS,
 ) -> tuple[CompressionPlan, CompressionReport]:
-    """Factorize ``model``'s attentions per head and its ``linear_targets`` by low rank, in place."""
+    """Factorize ``model``'s attentions per head and its ``linear_targets`` by low rank, in place.
+
+    ``batches`` are this process's share when ``processes`` has several (the statistics are summed).
+    """
     report = CompressionReport()
     inputs = [f"{name}.q_proj" for name in attention_names] + linear_targets
     statistics: dict[str, LayerStatistics] | None = None
     if batches is not None and config.whitening != "none":
-        statistics = collect_linear_statistics(model, inputs, batches, progress)
+        statistics = sum_over_processes(collect_linear_statistics(model, inputs, batches, progress), processes, model)
 
     factorizations = {
         name: factorize_attention(

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ...calibration.distributed import SINGLE_PROCESS, CalibrationProcesses
 from .structure import PrunableModel, PruningError
 
 
@@ -82,8 +83,17 @@ def magnitude_scores(model: nn.Module, structure: PrunableModel, include_query_k
     return GroupScores(heads, dims, neurons)
 
 
-def taylor_scores(model: nn.Module, structure: PrunableModel, batches: Iterable[dict | torch.Tensor]) -> GroupScores:
-    """Accumulate ``(Σ gradient·weight)²`` per group over ``batches`` (``pixel_values`` [+ ``labels``])."""
+def taylor_scores(
+    model: nn.Module,
+    structure: PrunableModel,
+    batches: Iterable[dict | torch.Tensor],
+    processes: CalibrationProcesses = SINGLE_PROCESS,
+) -> GroupScores:
+    """Accumulate ``(Σ gradient·weight)²`` per group over ``batches`` (``pixel_values`` [+ ``labels``]).
+
+    Per-batch terms are summed, so with several ``processes`` (each given its share of the batches)
+    the sums are added up over processes and every process gets the same scores.
+    """
     parts = [_block_parts(model, name) for name in structure.block_names]
     parameters = [_parameters(*p) for p in parts]
     heads = [torch.zeros(s.heads, dtype=torch.float64) for s in structure.blocks]
@@ -112,6 +122,11 @@ def taylor_scores(model: nn.Module, structure: PrunableModel, batches: Iterable[
     finally:
         model.zero_grad(set_to_none=True)
         model.train(was_training)
+    if processes.is_distributed:
+        shapes = [(s.heads, s.head_dim, s.neurons) for s in structure.blocks]
+        processes.check_same("the pruned model", [str(next(model.parameters()).dtype), shapes])
+        processes.sum_([*heads, *dims, *neurons])
+        seen = int(processes.sum_numbers([seen])[0])
     if not seen:
         raise PruningError("Taylor importance needs data: the calibration data held no batches.")
     return GroupScores(heads, dims, neurons)

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from ...calibration.distributed import SINGLE_PROCESS, CalibrationProcesses
 from ...configuration import CompressionConfig
 from .importance import magnitude_scores, taylor_scores
 from .projection import project_to_budget
@@ -21,13 +22,19 @@ from .structure import BlockPruning, PrunableModel
 
 
 def plan_pruning(
-    model: nn.Module, config: CompressionConfig, batches: Iterator[torch.Tensor] | None
+    model: nn.Module,
+    config: CompressionConfig,
+    batches: Iterator[torch.Tensor] | None,
+    processes: CalibrationProcesses = SINGLE_PROCESS,
 ) -> tuple[PrunableModel, list[BlockPruning]]:
-    """What to remove from the dense ``model`` (left unchanged) to meet ``config.target_flops_ratio``."""
+    """What to remove from the dense ``model`` (left unchanged) to meet ``config.target_flops_ratio``.
+
+    ``batches`` are this process's share when ``processes`` has several (Taylor sums are added up).
+    """
     structure = PrunableModel.of(model)
     budget = structure.check_budget(config.target_flops_ratio, config.skip_blocks)
     if config.pruning_importance == "taylor":  # on a copy: the user's model keeps its gradients untouched
-        scores = taylor_scores(copy.deepcopy(model), structure, batches)
+        scores = taylor_scores(copy.deepcopy(model), structure, batches, processes)
     else:
         scores = magnitude_scores(model, structure)
     return structure, project_to_budget(structure, scores, budget, skip_blocks=config.skip_blocks)

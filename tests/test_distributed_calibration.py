@@ -1,0 +1,108 @@
+"""Two-process calibration (Accelerate's ``debug_launcher``: forked CPU processes over gloo) vs one process."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate import debug_launcher
+
+from hf_vitcompress import CompressionConfig, compress
+from hf_vitcompress.calibration.distributed import CalibrationProcessError, CalibrationProcesses
+
+from .conftest import tiny_vit
+
+CONFIGS = {
+    # one statistics pass, then a block-by-block pass re-calibrated on the compressed activations
+    "sequential": dict(target_param_ratio=0.6, sequential=True, compensation_rank=0),
+    "head_factorization": dict(method="head_factorization", target_param_ratio=0.7),
+    "taylor_pruning": dict(method="pruning", target_flops_ratio=0.7, pruning_importance="taylor"),
+    # the default: compensation residuals trained data-parallel (not the single-process trajectory)
+    "compensation": dict(target_param_ratio=0.6, compensation_epochs=2),
+}
+
+
+def _images() -> torch.Tensor:
+    # 7 batches of 8 (and 4 left over): the two shards differ in length, as they do in real runs
+    return torch.randn(60, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+
+
+def _calibration_batches() -> list[dict[str, torch.Tensor]]:
+    return [{"pixel_values": batch} for batch in _images().split(8)]
+
+
+def _compress(name: str):
+    return compress(tiny_vit(), CompressionConfig(**CONFIGS[name]), _calibration_batches(), progress=False)
+
+
+def _outcome(model) -> dict:
+    """What must agree between runs: the plan and the function (factors are only defined up to signs)."""
+    with torch.no_grad():
+        logits = model(pixel_values=_images()[:16]).logits
+    return {"plan": model.config.compression_plan, "logits": logits, "state": model.state_dict()}
+
+
+def _worker(output: str, names: tuple[str, ...], cast_second_to_double: bool) -> None:
+    """Runs in each forked process: compress, then save the weights (or the error) under ``output``."""
+    # A forked child must not use the OpenMP pool the parent already started (it deadlocks): one thread.
+    torch.set_num_threads(1)
+    processes = CalibrationProcesses.current()
+    for name in names:
+        target = Path(output) / f"{name}-{processes.index}"
+        try:
+            model = tiny_vit()
+            if cast_second_to_double and processes.index == 1:
+                model = model.double()
+            compressed = compress(model, CompressionConfig(**CONFIGS[name]), _calibration_batches(), progress=False)
+            torch.save({"count": processes.count, **_outcome(compressed)}, f"{target}.pt")
+        except Exception as error:  # noqa: BLE001 - reported to the parent test, which asserts on it
+            Path(f"{target}.error").write_text(json.dumps([type(error).__name__, str(error)]))
+
+
+def _launch(tmp_path: Path, names: tuple[str, ...], cast_second_to_double: bool = False) -> None:
+    debug_launcher(_worker, args=(str(tmp_path), names, cast_second_to_double), num_processes=2)
+
+
+def _assert_states_close(first: dict, second: dict, **tolerance) -> None:
+    assert first.keys() == second.keys()
+    for key in first:
+        torch.testing.assert_close(first[key], second[key], msg=lambda m, key=key: f"{key}: {m}", **tolerance)
+
+
+@pytest.mark.parametrize("name", ["sequential", "head_factorization", "taylor_pruning"])
+def test_two_process_calibration_equals_one_process(tmp_path, name):
+    _launch(tmp_path, (name,))
+    assert not list(tmp_path.glob("*.error")), [p.read_text() for p in tmp_path.glob("*.error")]
+    single = _outcome(_compress(name))
+    for index in range(2):
+        saved = torch.load(tmp_path / f"{name}-{index}.pt")
+        assert saved["count"] == 2  # really ran as two processes
+        assert saved["plan"] == single["plan"]
+        # the statistics are equal up to float64 summation order; the factors are then cast to float32
+        torch.testing.assert_close(saved["logits"], single["logits"], rtol=1e-4, atol=1e-5)
+
+
+def test_two_process_compensation_gives_every_process_the_same_model(tmp_path):
+    _launch(tmp_path, ("compensation",))
+    assert not list(tmp_path.glob("*.error")), [p.read_text() for p in tmp_path.glob("*.error")]
+    first, second = (torch.load(tmp_path / f"compensation-{i}.pt")["state"] for i in range(2))
+    _assert_states_close(first, second, rtol=0, atol=0)
+    # data-parallel training takes other steps than one process, but starts from the same factors
+    assert _outcome(_compress("compensation"))["plan"] == torch.load(tmp_path / "compensation-0.pt")["plan"]
+
+
+def test_mismatched_dtypes_across_processes_raise_on_every_process(tmp_path):
+    _launch(tmp_path, ("sequential",), cast_second_to_double=True)
+    errors = [json.loads((tmp_path / f"sequential-{i}.error").read_text()) for i in range(2)]
+    for kind, message in errors:
+        assert kind == CalibrationProcessError.__name__
+        assert "model dtype" in message and "torch.float64" in message and "same dtype" in message
+
+
+def test_single_process_is_the_default():
+    processes = CalibrationProcesses.current()
+    assert (processes.index, processes.count, processes.is_distributed) == (0, 1, False)
+    assert list(processes.shard(range(5))) == [0, 1, 2, 3, 4]
+    assert list(CalibrationProcesses(1, 3).shard(range(8))) == [1, 4, 7]
