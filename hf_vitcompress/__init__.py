@@ -20,8 +20,9 @@ from .families.vit import CompressedViTConfig, CompressedViTForImageClassificati
 from .layers import LowRankLinear, SkippedBlock
 from .methods.pruning.structure import PruningError
 from .plan import CompressionPlan, LayerPlan, PlanMismatchError, count_parameters
+from .tuning import LayerTiming, TuningError, tune
 
-__version__ = "0.1.0"
+__version__ = "0.2.0.dev0"
 
 # Importing transformers' Trainer costs seconds: the training and Hub parts load on first use.
 _LAZY = {
@@ -87,4 +88,7 @@ __all__ = [
     "PlanMismatchError",
     "compress",
     "count_parameters",
+    "LayerTiming",
+    "TuningError",
+    "tune",
 ]

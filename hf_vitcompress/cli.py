@@ -133,13 +133,29 @@ def cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
     model_path = args.model or str(DEFAULT_MODEL_DIR)
     config = _config_from_args(args)
     model = load_model(model_path)
+    if args.tune and config.method == "pruning":
+        raise ValueError("--tune chooses how factorized layers run; method 'pruning' leaves none (drop --tune).")
     processes = CalibrationProcesses.current()
-    if processes.is_distributed:
+    if processes.is_distributed:  # each process on its own device
         from accelerate import PartialState
 
+        if args.device != "cpu":
+            print(f"note: --device {args.device} is ignored under accelerate launch (each process uses its own).")
         model.to(PartialState().device)
+    else:
+        model.to(args.device)
     calibration = load_batches(args.calibration, model_path, "calibration", config.calibration_samples)
-    compressed = compress(model, config, calibration_data=calibration, progress=not args.quiet and processes.is_main)
+    examples = None
+    if args.tune:  # checked before the compression runs, not after
+        examples = torch.cat([batch["pixel_values"] for batch in calibration])[: args.tune_batch_size]
+        if len(examples) < args.tune_batch_size:
+            raise ValueError(
+                f"--tune-batch-size {args.tune_batch_size} is more than the {len(examples)} calibration images; "
+                "lower it or raise --calibration-samples."
+            )
+    compressed = compress(
+        model, config, calibration_data=calibration, progress=not args.quiet, distributed=processes.is_distributed
+    )
     compressed.config.compression_provenance["calibration_data"] = (
         SHIPPED_CALIBRATION_DESCRIPTION
         if args.calibration in ("default", "fashion-mnist")
@@ -147,9 +163,15 @@ def cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
     )
     compressed.config.compression_provenance["calibration_processes"] = processes.count
     output = Path(args.output)
-    if processes.is_main:
-        save_atomically(compressed.cpu(), output, (Path(model_path) / "preprocessor_config.json",))
-    processes.wait()  # nobody reports the output before it exists
+    # Only the main process tunes (its timings are the ones saved) and saves; a failure there is
+    # reported on every process instead of leaving the others waiting.
+    with processes.together("tuning and saving"):
+        if processes.is_main:
+            if examples is not None:
+                from .tuning import tune
+
+                tune(compressed, examples.to(next(compressed.parameters()).device))
+            save_atomically(compressed.cpu(), output, (Path(model_path) / "preprocessor_config.json",))
     plan = compressed.compression_plan
     summary = {
         "output": str(output),
@@ -157,6 +179,7 @@ def cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
         "parameters": plan.parameters,
         "param_ratio": plan.param_ratio,
         "factorized_layers": len(plan.layers),
+        **({"merged_to_dense_by_tuning": len(plan.tuning["merged_to_dense"])} if plan.tuning else {}),
     }
     if processes.is_main:
         print(json.dumps(summary, indent=2))
@@ -555,6 +578,17 @@ def build_parser() -> argparse.ArgumentParser:
     compress_parser.add_argument("--model", default=None, help="path or Hub id (default: the embedded default model)")
     compress_parser.add_argument("--calibration", default="default", help="calibration DATA (default: shipped images)")
     compress_parser.add_argument("--output", required=True)
+    compress_parser.add_argument(
+        "--device", default="cpu", help="device to calibrate (and --tune) on, e.g. cuda (default: cpu)"
+    )
+    compress_parser.add_argument(
+        "--tune",
+        action="store_true",
+        help="time dense / factorized / fused (GPU) per layer on --device and keep the fastest (recorded in the plan)",
+    )
+    compress_parser.add_argument(
+        "--tune-batch-size", type=int, default=64, help="batch size the model will serve, for --tune (default 64)"
+    )
     _add_config_arguments(compress_parser)
 
     evaluate_parser = sub.add_parser("evaluate", help="top-1, parameters, FLOPs and latency vs the dense model")

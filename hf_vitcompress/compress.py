@@ -85,6 +85,7 @@ def compress(
     calibration_data: Any = None,
     *,
     progress: bool = True,
+    distributed: bool = False,
 ) -> PreTrainedModel:
     """Return a compressed copy of ``model``; ``model`` itself is never modified.
 
@@ -94,10 +95,12 @@ def compress(
     ``Compressed*`` class (a subclass of the input's class): it saves with ``save_pretrained`` and
     loads back with ``AutoModelForImageClassification.from_pretrained`` after ``import hf_vitcompress``.
 
-    Under ``accelerate launch`` / ``torchrun`` (several processes), every process calls ``compress``
-    with the same model, config and calibration data; each runs the calibration forward passes on its
-    share of the batches, the statistics are summed over processes, and every process returns the same
-    compressed model (see :mod:`hf_vitcompress.calibration.distributed`).
+    ``distributed=True``, under ``accelerate launch`` / ``torchrun`` (several processes): every process
+    calls ``compress`` with the same model, config and (unsharded) calibration data; each runs the
+    calibration forward passes on its share of the batches, the statistics are summed over processes,
+    and every process returns the same compressed model (see :mod:`hf_vitcompress.calibration.distributed`).
+    Without it, ``compress`` calibrates each process on all the data it is given and runs no collectives,
+    so calling it from one process only (``if accelerator.is_main_process``) is safe.
     """
     if not isinstance(config, CompressionConfig):
         raise TypeError(f"config must be a CompressionConfig, got {type(config).__name__}.")
@@ -119,7 +122,11 @@ def compress(
     calibration_images = 0
     processes = CalibrationProcesses()
     if needs_calibration(config):
-        processes = CalibrationProcesses.current()
+        if distributed:
+            processes = CalibrationProcesses.current().with_context(
+                config=config.to_dict(), targets=block_groups, extra_targets=extra
+            )
+        progress = progress and processes.is_main
         parameter = next(model.parameters())
         batches = iter_calibration_batches(
             calibration_data,

@@ -5,6 +5,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .kernels.lowrank import lowrank_linear
+
+IMPLEMENTATIONS = ("factorized", "fused")
+"""How a :class:`LowRankLinear` runs: two ``nn.Linear`` GEMMs, or the fused Triton kernel where it can run.
+(A layer that runs fastest dense is merged back into an ``nn.Linear`` by :func:`hf_vitcompress.tune`.)"""
+
 
 class LowRankLinear(nn.Module):
     """``y = up(down(x))``: a rank-``r`` factorization of an ``nn.Linear(in_features, out_features)``.
@@ -14,7 +20,15 @@ class LowRankLinear(nn.Module):
     ``up`` because it is added to the output. The child names ``lowrank_down`` / ``lowrank_up`` are
     chosen so that no transformers 5.x weight-renaming pattern (``query``, ``dense``, ``output``,
     ...) matches them: a saved checkpoint reloads with the same key names.
+
+    ``implementation="fused"`` (chosen by :func:`hf_vitcompress.tune` where it measured faster) runs
+    the Triton kernel for inference on a GPU. It falls back to the two GEMMs whenever the kernel cannot
+    serve the call exactly as they would: gradients needed, autocast on, an input dtype other than the
+    weights', no Triton or no GPU, tracing or compiling, or children that other tools wrapped or hooked
+    (PEFT, quantizers, Accelerate's offloading hooks, MAC counters), which must see their forward calls.
     """
+
+    _implementation = "factorized"  # class default: modules pickled before the attribute existed
 
     def __init__(
         self,
@@ -24,6 +38,7 @@ class LowRankLinear(nn.Module):
         bias: bool = True,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        implementation: str = "factorized",
     ) -> None:
         super().__init__()
         if not 1 <= rank <= min(in_features, out_features):
@@ -35,6 +50,17 @@ class LowRankLinear(nn.Module):
         self.rank = rank
         self.lowrank_down = nn.Linear(in_features, rank, bias=False, device=device, dtype=dtype)
         self.lowrank_up = nn.Linear(rank, out_features, bias=bias, device=device, dtype=dtype)
+        self.implementation = implementation
+
+    @property
+    def implementation(self) -> str:
+        return self._implementation
+
+    @implementation.setter
+    def implementation(self, value: str) -> None:
+        if value not in IMPLEMENTATIONS:
+            raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {value!r}.")
+        self._implementation = value
 
     @classmethod
     def from_factors(
@@ -58,7 +84,28 @@ class LowRankLinear(nn.Module):
         return self.lowrank_up.bias
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if self.implementation == "fused" and self._fused_serves(hidden_states):
+            return lowrank_linear(hidden_states, self.lowrank_down.weight, self.lowrank_up.weight, self.lowrank_up.bias)
         return self.lowrank_up(self.lowrank_down(hidden_states))
+
+    def _fused_serves(self, hidden_states: torch.Tensor) -> bool:
+        """Whether the kernel gives what the two child ``forward`` calls would, with nobody missing them."""
+        if torch.is_grad_enabled() or torch.is_autocast_enabled(hidden_states.device.type):
+            return False
+        if torch.jit.is_tracing() or torch.compiler.is_compiling():
+            return False
+        if hidden_states.dtype != self.lowrank_down.weight.dtype:
+            return False
+        if _global_hooks():
+            return False
+        return all(
+            type(child) is nn.Linear
+            and not (child._forward_hooks or child._forward_pre_hooks)
+            and not hasattr(child, "_hf_hook")  # Accelerate's hooks replace forward instead of registering
+            and getattr(vars(child).get("forward", nn.Linear.forward), "__func__", nn.Linear.forward)
+            is nn.Linear.forward
+            for child in (self.lowrank_down, self.lowrank_up)
+        )
 
     def dense_weight(self) -> torch.Tensor:
         """The ``[out, in]`` matrix this module applies."""
@@ -74,10 +121,22 @@ class LowRankLinear(nn.Module):
             linear.weight.copy_(weight)
             if self.bias is not None:
                 linear.bias.copy_(self.bias)
+        linear.requires_grad_(self.lowrank_up.weight.requires_grad)  # frozen factors merge into a frozen linear
         return linear
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, bias={self.bias is not None}"
+        fused = ", implementation=fused" if self.implementation == "fused" else ""
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
+            f"bias={self.bias is not None}{fused}"
+        )
+
+
+def _global_hooks() -> bool:
+    """Hooks registered for every module (``register_module_forward_hook`` and friends)."""
+    from torch.nn.modules import module
+
+    return bool(module._global_forward_hooks or module._global_forward_pre_hooks)
 
 
 class SkippedBlock(nn.Module):

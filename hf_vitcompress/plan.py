@@ -13,9 +13,11 @@ from typing import Any
 from torch import nn
 
 from .attention import HeadFactorizedAttention, head_factorized_parameter_count
-from .layers import LowRankLinear, SkippedBlock, low_rank_parameter_count
+from .layers import IMPLEMENTATIONS, LowRankLinear, SkippedBlock, low_rank_parameter_count
 
-PLAN_VERSION = 1
+PLAN_VERSION = 2  # the newest plan this release reads
+# 1: the first format. 2: low-rank layers may record an ``implementation`` and the plan its ``tuning``;
+# a plan is written as version 2 only when it uses them, so untuned checkpoints stay readable by 0.1.
 
 
 class PlanMismatchError(ValueError):
@@ -29,7 +31,8 @@ LAYER_KINDS = ("low_rank", "head_factorized", "pruned_linear", "skipped_block")
 class LayerPlan:
     """What became of one module.
 
-    * ``kind="low_rank"``: an ``nn.Linear`` became a :class:`LowRankLinear` of ``rank``.
+    * ``kind="low_rank"``: an ``nn.Linear`` became a :class:`LowRankLinear` of ``rank`` (run as its
+      ``implementation``, when :func:`hf_vitcompress.tune` measured that the fused kernel is faster).
     * ``kind="head_factorized"``: an attention module became a
       :class:`~hf_vitcompress.attention.HeadFactorizedAttention` with per-head ``qk_ranks`` and
       ``vo_ranks`` (``in_features = out_features`` = hidden size, ``bias`` = output bias,
@@ -49,6 +52,7 @@ class LayerPlan:
     qk_ranks: list[int] | None = None
     vo_ranks: list[int] | None = None
     qk_bias: bool | None = None
+    implementation: str | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in LAYER_KINDS:
@@ -61,6 +65,11 @@ class LayerPlan:
                 raise PlanMismatchError(f"Invalid {self.kind} shape {self.in_features}->{self.out_features}.")
             return
         if self.kind == "low_rank":
+            if self.implementation is not None and self.implementation not in IMPLEMENTATIONS:
+                raise PlanMismatchError(
+                    f"Unknown implementation {self.implementation!r}; this version of hf_vitcompress knows "
+                    f"{IMPLEMENTATIONS}. Upgrade hf_vitcompress."
+                )
             if self.rank is None or not 1 <= self.rank <= min(self.in_features, self.out_features):
                 raise PlanMismatchError(
                     f"Invalid rank {self.rank} for a {self.in_features}->{self.out_features} linear."
@@ -103,6 +112,7 @@ class CompressionPlan:
     dense_parameters: int = 0
     parameters: int = 0
     version: int = PLAN_VERSION
+    tuning: dict[str, Any] | None = None  # what hf_vitcompress.tune measured and decided, on which device
 
     @property
     def param_ratio(self) -> float:
@@ -110,10 +120,13 @@ class CompressionPlan:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "version": self.version,
+            "version": 2
+            if self.tuning is not None or any(layer.implementation for layer in self.layers.values())
+            else 1,
             "dense_parameters": self.dense_parameters,
             "parameters": self.parameters,
             "layers": {name: layer.to_dict() for name, layer in self.layers.items()},
+            **({"tuning": self.tuning} if self.tuning is not None else {}),
         }
 
     @classmethod
@@ -131,6 +144,7 @@ class CompressionPlan:
             dense_parameters=int(data.get("dense_parameters", 0)),
             parameters=int(data.get("parameters", 0)),
             version=version,
+            tuning=data.get("tuning"),
         )
 
 
@@ -229,5 +243,6 @@ def apply_plan_structure(model: nn.Module, plan: CompressionPlan) -> None:
             bias=layer.bias,
             device=current.weight.device,
             dtype=current.weight.dtype,
+            implementation=layer.implementation or "factorized",
         )
         set_submodule(model, name, replacement)

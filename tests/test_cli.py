@@ -329,3 +329,23 @@ def test_prune_and_one_shot_pruning_from_the_shell(tmp_path, capsys):
     assert main([*arguments[:-1], "0.001", "--output", str(tmp_path / "none")]) == 2
     assert "out of reach" in capsys.readouterr().err
     assert not (tmp_path / "none").exists()
+
+
+def test_compress_with_tune_records_the_choices(tmp_path, capsys):
+    out = tmp_path / "tuned"
+    arguments = ["compress", "--quiet", "--calibration-samples", "64", "--tune", "--tune-batch-size", "16"]
+    assert main([*arguments, "--compensation-rank", "0", "--output", str(out)]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    model = AutoModelForImageClassification.from_pretrained(out)
+    tuning = model.compression_plan.tuning
+    assert tuning["device"] == "cpu" and tuning["example_inputs_shape"][0] == 16
+    assert summary["merged_to_dense_by_tuning"] == len(tuning["merged_to_dense"])
+    assert summary["factorized_layers"] + len(tuning["merged_to_dense"]) == len(tuning["layers"])
+    # refused before any compression runs, with what to do
+    assert main([*arguments[:-2], "--tune-batch-size", "100000", "--output", str(tmp_path / "x")]) == 2
+    assert "more than the 64 calibration images; lower it" in capsys.readouterr().err
+    assert (
+        main([*arguments, "--method", "pruning", "--target-flops-ratio", "0.7", "--output", str(tmp_path / "p")]) == 2
+    )
+    assert "method 'pruning' leaves none" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists() and not (tmp_path / "p").exists()

@@ -15,7 +15,7 @@ def test_compensation_lowers_the_error_it_trains_on():
     layer = LowRankLinear.from_factors(u[:, :8] * s[:8], vh[:8])
     results = train_compensation(
         {"layer": (weight, layer)},
-        lambda: iter(zip(dense_inputs, compressed_inputs)),
+        list(zip(dense_inputs, compressed_inputs)),
         residual_rank=4,
         epochs=60,
         lr=3e-3,
@@ -40,7 +40,7 @@ def test_compensation_never_makes_things_worse():
     layer = LowRankLinear.from_factors(u[:, :6] * s[:6], vh[:6])
     original = layer.dense_weight().clone()
     (result,) = train_compensation(
-        {"l": (weight, layer)}, lambda: iter(zip(inputs, inputs)), residual_rank=2, epochs=3, lr=10.0
+        {"l": (weight, layer)}, list(zip(inputs, inputs)), residual_rank=2, epochs=3, lr=10.0
     )
     if not result.kept:
         assert torch.equal(layer.dense_weight(), original)

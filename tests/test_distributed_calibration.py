@@ -19,7 +19,7 @@ CONFIGS = {
     "sequential": dict(target_param_ratio=0.6, sequential=True, compensation_rank=0),
     "head_factorization": dict(method="head_factorization", target_param_ratio=0.7),
     "taylor_pruning": dict(method="pruning", target_flops_ratio=0.7, pruning_importance="taylor"),
-    # the default: compensation residuals trained data-parallel (not the single-process trajectory)
+    # the default: compensation residuals trained on every batch in the single-process order
     "compensation": dict(target_param_ratio=0.6, compensation_epochs=2),
 }
 
@@ -44,8 +44,8 @@ def _outcome(model) -> dict:
     return {"plan": model.config.compression_plan, "logits": logits, "state": model.state_dict()}
 
 
-def _worker(output: str, names: tuple[str, ...], cast_second_to_double: bool) -> None:
-    """Runs in each forked process: compress, then save the weights (or the error) under ``output``."""
+def _worker(output: str, names: tuple[str, ...], fault: str | None) -> None:
+    """Runs in each forked process: compress, then save the outcome (or the error) under ``output``."""
     # A forked child must not use the OpenMP pool the parent already started (it deadlocks): one thread.
     torch.set_num_threads(1)
     processes = CalibrationProcesses.current()
@@ -53,16 +53,27 @@ def _worker(output: str, names: tuple[str, ...], cast_second_to_double: bool) ->
         target = Path(output) / f"{name}-{processes.index}"
         try:
             model = tiny_vit()
-            if cast_second_to_double and processes.index == 1:
+            batches = _calibration_batches()
+            if fault == "double" and processes.index == 1:
                 model = model.double()
-            compressed = compress(model, CompressionConfig(**CONFIGS[name]), _calibration_batches(), progress=False)
+            if fault == "nan" and processes.index == 1:
+                batches[1]["pixel_values"][0, 0, 0, 0] = float("nan")  # batch 1 is process 1's
+            if fault == "one_batch":
+                batches = batches[:1]  # process 1 gets no batch at all
+            if fault == "main_only":  # the usual `if accelerator.is_main_process:` pattern: no collectives
+                if processes.index != 0:
+                    continue
+                compressed = compress(model, CompressionConfig(**CONFIGS[name]), batches, progress=False)
+            else:
+                config = CompressionConfig(**CONFIGS[name])
+                compressed = compress(model, config, batches, progress=False, distributed=True)
             torch.save({"count": processes.count, **_outcome(compressed)}, f"{target}.pt")
         except Exception as error:  # noqa: BLE001 - reported to the parent test, which asserts on it
             Path(f"{target}.error").write_text(json.dumps([type(error).__name__, str(error)]))
 
 
-def _launch(tmp_path: Path, names: tuple[str, ...], cast_second_to_double: bool = False) -> None:
-    debug_launcher(_worker, args=(str(tmp_path), names, cast_second_to_double), num_processes=2)
+def _launch(tmp_path: Path, names: tuple[str, ...], fault: str | None = None) -> None:
+    debug_launcher(_worker, args=(str(tmp_path), names, fault), num_processes=2)
 
 
 def _assert_states_close(first: dict, second: dict, **tolerance) -> None:
@@ -71,7 +82,7 @@ def _assert_states_close(first: dict, second: dict, **tolerance) -> None:
         torch.testing.assert_close(first[key], second[key], msg=lambda m, key=key: f"{key}: {m}", **tolerance)
 
 
-@pytest.mark.parametrize("name", ["sequential", "head_factorization", "taylor_pruning"])
+@pytest.mark.parametrize("name", ["sequential", "head_factorization", "taylor_pruning", "compensation"])
 def test_two_process_calibration_equals_one_process(tmp_path, name):
     _launch(tmp_path, (name,))
     assert not list(tmp_path.glob("*.error")), [p.read_text() for p in tmp_path.glob("*.error")]
@@ -84,17 +95,29 @@ def test_two_process_calibration_equals_one_process(tmp_path, name):
         torch.testing.assert_close(saved["logits"], single["logits"], rtol=1e-4, atol=1e-5)
 
 
-def test_two_process_compensation_gives_every_process_the_same_model(tmp_path):
-    _launch(tmp_path, ("compensation",))
+def test_a_process_without_batches_still_takes_part(tmp_path):
+    _launch(tmp_path, ("compensation",), fault="one_batch")
     assert not list(tmp_path.glob("*.error")), [p.read_text() for p in tmp_path.glob("*.error")]
-    first, second = (torch.load(tmp_path / f"compensation-{i}.pt")["state"] for i in range(2))
-    _assert_states_close(first, second, rtol=0, atol=0)
-    # data-parallel training takes other steps than one process, but starts from the same factors
-    assert _outcome(_compress("compensation"))["plan"] == torch.load(tmp_path / "compensation-0.pt")["plan"]
+    first, second = (torch.load(tmp_path / f"compensation-{i}.pt") for i in range(2))
+    torch.testing.assert_close(first["logits"], second["logits"], rtol=0, atol=0)
+
+
+def test_a_failure_on_one_process_is_raised_on_every_process(tmp_path):
+    _launch(tmp_path, ("sequential",), fault="nan")
+    (kind0, message0), (kind1, message1) = (
+        json.loads((tmp_path / f"sequential-{i}.error").read_text()) for i in range(2)
+    )
+    assert kind1 == "CalibrationDataError" and "NaN" in message1  # the process that saw it
+    assert kind0 == CalibrationProcessError.__name__ and "process 1 failed during the calibration pass" in message0
+
+
+def test_without_distributed_each_process_compresses_alone(tmp_path):
+    _launch(tmp_path, ("sequential",), fault="main_only")  # would hang if compress ran a collective
+    assert not list(tmp_path.glob("*.error")) and (tmp_path / "sequential-0.pt").exists()
 
 
 def test_mismatched_dtypes_across_processes_raise_on_every_process(tmp_path):
-    _launch(tmp_path, ("sequential",), cast_second_to_double=True)
+    _launch(tmp_path, ("sequential",), fault="double")
     errors = [json.loads((tmp_path / f"sequential-{i}.error").read_text()) for i in range(2)]
     for kind, message in errors:
         assert kind == CalibrationProcessError.__name__

@@ -291,7 +291,28 @@ def test_autotune_pruning():
     def block_ms(kept):
         return sorted(c.kwargs["BLOCK_M"] for c in kept)
 
-    assert len(lowrank._prune_configs(configs, {"rows": 4096}, BLOCK_R=16)) == len(configs)
-    assert max(block_ms(lowrank._prune_configs(configs, {"rows": 20}, BLOCK_R=16))) == 32  # tiles ≤ rows
-    kept = lowrank._prune_configs(configs, {"rows": 4096}, BLOCK_R=256, GROUPS=3)  # nothing fits: least spill
+    half, single = torch.empty(1, dtype=torch.float16), torch.empty(1, dtype=torch.float32)
+    assert len(lowrank._prune_configs(configs, {"rows": 4096, "x_ptr": half}, BLOCK_R=16)) == len(configs)
+    assert max(block_ms(lowrank._prune_configs(configs, {"rows": 20, "x_ptr": half}, BLOCK_R=16))) == 32  # ≤ rows
+    # rank 256 in fp32: only configs whose pipelined tiles fit in shared memory stay
+    kept = lowrank._prune_configs(configs, {"rows": 4096, "x_ptr": single}, BLOCK_R=256)
+    assert 0 < len(kept) < len(configs)
+    assert all(lowrank._shared_memory(c, 256, 1, 4) <= lowrank._SHARED_MEMORY_BUDGET for c in kept)
+    # nothing fits: the one with the smallest footprint
+    kept = lowrank._prune_configs(configs, {"rows": 4096, "x_ptr": single}, BLOCK_R=256, GROUPS=3)
     assert len(kept) == 1
+    smallest = min(lowrank._shared_memory(c, 256, 3, 4) for c in configs)
+    assert lowrank._shared_memory(kept[0], 256, 3, 4) == smallest
+
+
+def test_ranks_above_the_kernel_limit_run_pytorch():
+    from hf_vitcompress.kernels.lowrank import MAX_FUSED_RANK
+
+    generator = torch.Generator().manual_seed(5)
+    rank = MAX_FUSED_RANK + 1
+    x = torch.randn(4, 300, generator=generator)
+    down, up = torch.randn(rank, 300, generator=generator), torch.randn(290, rank, generator=generator)
+    with torch.no_grad():
+        torch.testing.assert_close(lowrank_linear(x, down, up), lowrank_linear_reference(x, down, up))
+    with pytest.raises(ValueError, match="ranks up to 256"):
+        fused_lowrank_linear(x, down, up)

@@ -14,9 +14,11 @@ evaluate; the main one saves). The price is that every process runs the (determi
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -38,6 +40,7 @@ class CalibrationProcesses:
 
     index: int = 0
     count: int = 1
+    context: str = ""  # what every process must agree on (the CompressionConfig, as JSON); part of every check
 
     @classmethod
     def current(cls) -> CalibrationProcesses:
@@ -55,6 +58,10 @@ class CalibrationProcesses:
         if dist is None:
             return cls()
         return cls(dist.get_rank(), dist.get_world_size())
+
+    def with_context(self, **context: Any) -> CalibrationProcesses:
+        """The same processes, with ``context`` compared across processes by every :meth:`check_same`."""
+        return replace(self, context=json.dumps(context, sort_keys=True, default=str))
 
     @property
     def is_distributed(self) -> bool:
@@ -78,6 +85,7 @@ class CalibrationProcesses:
         """
         if not self.is_distributed:
             return
+        signature = {"compression config": self.context, what: signature}
         gathered: list[Any] = [None] * self.count
         _distributed().all_gather_object(gathered, signature)
         for index, other in enumerate(gathered):
@@ -87,6 +95,30 @@ class CalibrationProcesses:
                     "Every process must load the same model in the same dtype and compress it with the same "
                     "CompressionConfig; only the calibration images are split between them."
                 )
+
+    @contextmanager
+    def together(self, what: str) -> Iterator[None]:
+        """Run a step of local work; if it fails on any process, it fails on every process.
+
+        A process that raises before a collective would leave the others waiting in it until the
+        backend's timeout; here every process reports success or its error first, and all raise.
+        """
+        if not self.is_distributed:
+            yield
+            return
+        error: BaseException | None = None
+        try:
+            yield
+        except Exception as caught:  # noqa: BLE001 - re-raised below, after the others have heard of it
+            error = caught
+        statuses: list[Any] = [None] * self.count
+        _distributed().all_gather_object(statuses, None if error is None else f"{type(error).__name__}: {error}")
+        if error is not None:
+            raise error
+        failed = [(index, status) for index, status in enumerate(statuses) if status is not None]
+        if failed:
+            index, status = failed[0]
+            raise CalibrationProcessError(f"Calibration process {index} failed during {what}: {status}")
 
     def sum_(self, tensors: Iterable[torch.Tensor]) -> None:
         """Add each tensor up over all processes, in place (same order on every process)."""
@@ -109,18 +141,6 @@ class CalibrationProcesses:
         tensor = torch.tensor(values, dtype=torch.float64)
         self.sum_([tensor])
         return tensor.tolist()
-
-    def wait(self) -> None:
-        """A barrier: every process reaches this point before any goes on."""
-        if self.is_distributed:
-            _distributed().barrier()
-
-    def max_int(self, value: int) -> int:
-        if not self.is_distributed:
-            return value
-        gathered: list[Any] = [None] * self.count
-        _distributed().all_gather_object(gathered, int(value))
-        return max(gathered)
 
 
 def _difference(first: Any, other: Any) -> str:

@@ -239,7 +239,8 @@ if triton is not None:
         BLOCK_N: tl.constexpr,
     ):
         pid = tl.program_id(0)
-        offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+        # int64: row × stride exceeds 2³¹ for large batches of wide layers (e.g. ViT-B fc1 past ~3,500 images)
+        offs_m = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_r = tl.arange(0, BLOCK_R)
         # t = x_tile · downᵀ, accumulated over the input width in fp32, kept in registers
         t = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
@@ -315,7 +316,8 @@ if triton is not None:
         # Triton has no lists of pointers, so the groups are spelled out; with GROUPS == 2 the third
         # group's code is removed at compile time (its pointer arguments are placeholders, never read).
         pid = tl.program_id(0)
-        offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+        # int64: row × stride exceeds 2³¹ for large batches of wide layers (e.g. ViT-B fc1 past ~3,500 images)
+        offs_m = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_r = tl.arange(0, BLOCK_R)
         t0 = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
         t1 = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
@@ -394,10 +396,17 @@ _AUTOTUNE_SHAPES: tuple[tuple[int, int, int, int, int], ...] = (
     (64, 64, 128, 8, 3),
     (128, 64, 64, 8, 3),
     (128, 32, 128, 8, 4),
+    (64, 32, 64, 4, 2),
+    (32, 32, 64, 4, 2),
 )
 # fp32 registers per thread the row tile's intermediates may take (of 255), leaving room for the tiles
 # being multiplied and the addresses.
 _INTERMEDIATE_REGISTER_BUDGET = 128
+# Shared memory a config's pipelined tiles may take: below the A100's 164 KB (the H100 has 227 KB).
+_SHARED_MEMORY_BUDGET = 160 * 1024
+MAX_FUSED_RANK = 256
+"""Largest rank the fused kernels take (padded rank tiles above it do not fit on chip); larger ranks use
+PyTorch. At such ranks the factor pair is near its break-even width anyway."""
 
 
 def _autotune_configs() -> list:
@@ -411,18 +420,35 @@ def _intermediate_registers(config, block_r: int, groups: int) -> float:
     return config.kwargs["BLOCK_M"] * block_r * groups / (32 * config.num_warps)
 
 
+def _shared_memory(config, block_r: int, groups: int, element_size: int) -> int:
+    """Bytes of the pipelined x / down tiles (``num_stages`` copies) plus one up tile."""
+    m, k, n = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_K"], config.kwargs["BLOCK_N"]
+    return (config.num_stages * (m * k + k * block_r * groups) + block_r * n) * element_size
+
+
 def _prune_configs(configs: list, named_args: dict, **kwargs) -> list:
-    """Drop configs whose intermediates spill (large rank × groups) or whose row tile dwarfs the rows."""
+    """Drop configs whose intermediates spill, whose tiles overflow shared memory, or whose row tile
+    dwarfs the rows."""
     block_r, groups = kwargs["BLOCK_R"], kwargs.get("GROUPS", 1)
+    element_size = named_args["x_ptr"].element_size()
     row_tile_limit = max(32, triton.next_power_of_2(named_args["rows"]))
     kept = [
         c
         for c in configs
         if _intermediate_registers(c, block_r, groups) <= _INTERMEDIATE_REGISTER_BUDGET
+        and _shared_memory(c, block_r, groups, element_size) <= _SHARED_MEMORY_BUDGET
         and c.kwargs["BLOCK_M"] <= row_tile_limit
     ]
-    # At least one must stay: the config with the fewest intermediate registers spills least.
-    return kept or [min(configs, key=lambda c: _intermediate_registers(c, block_r, groups))]
+    # At least one must stay: the smallest on-chip footprint has the best chance to launch.
+    return kept or [
+        min(
+            configs,
+            key=lambda c: (
+                _shared_memory(c, block_r, groups, element_size),
+                _intermediate_registers(c, block_r, groups),
+            ),
+        )
+    ]
 
 
 _AUTOTUNE_KEYS = {
@@ -606,6 +632,7 @@ def fused_lowrank_linear(
     kind = _canonical_activation(activation)
     _check_kernel_runs(x)
     _check_factors(x, down, up, bias)
+    _check_rank(down.shape[0])
     blocks = _block_choice(x, block_m, block_k, block_n)
     rank, in_features = down.shape
     out_features = up.shape[0]
@@ -644,6 +671,7 @@ def fused_grouped_lowrank_linear(
     """
     _check_kernel_runs(x)
     biases = _check_groups(x, downs, ups, biases)
+    _check_rank(*(down.shape[0] for down in downs))
     blocks = _block_choice(x, block_m, block_k, block_n)
     groups = len(downs)
     in_features = x.shape[-1]
@@ -682,8 +710,21 @@ def fused_grouped_lowrank_linear(
     return tuple(y.reshape(*leading, y.shape[1]) for y in ys)
 
 
-def _fused_can_run(x: torch.Tensor) -> bool:
-    return triton_available(x.device) and x.dtype in KERNEL_DTYPES and not torch.is_grad_enabled()
+def _check_rank(*ranks: int) -> None:
+    if max(ranks) > MAX_FUSED_RANK:
+        raise ValueError(
+            f"The fused kernels take ranks up to {MAX_FUSED_RANK} (the padded rank tile must fit on chip); got "
+            f"{max(ranks)}. Use lowrank_linear(), which runs PyTorch for larger ranks."
+        )
+
+
+def _fused_can_run(x: torch.Tensor, *ranks: int) -> bool:
+    return (
+        triton_available(x.device)
+        and x.dtype in KERNEL_DTYPES
+        and not torch.is_grad_enabled()
+        and max(ranks) <= MAX_FUSED_RANK
+    )
 
 
 def lowrank_linear(
@@ -700,7 +741,7 @@ def lowrank_linear(
     """
     _canonical_activation(activation)
     _check_factors(x, down, up, bias)
-    if _fused_can_run(x):
+    if _fused_can_run(x, down.shape[0]):
         return fused_lowrank_linear(x, down, up, bias, activation)
     return lowrank_linear_reference(x, down, up, bias, activation)
 
@@ -713,6 +754,6 @@ def grouped_lowrank_linear(
 ) -> tuple[torch.Tensor, ...]:
     """Grouped fused kernel where it can run (as :func:`lowrank_linear`), PyTorch otherwise."""
     biases = _check_groups(x, downs, ups, biases)
-    if _fused_can_run(x):
+    if _fused_can_run(x, *(down.shape[0] for down in downs)):
         return fused_grouped_lowrank_linear(x, downs, ups, biases)
     return grouped_lowrank_linear_reference(x, downs, ups, biases)

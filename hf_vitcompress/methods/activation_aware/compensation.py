@@ -13,8 +13,8 @@ solution; and the result is kept only if it lowers the training objective on the
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -30,17 +30,54 @@ class CompensationResult:
     kept: bool
 
 
+class InputPairs(Protocol):
+    """This process's calibration batches of one layer: ``pairs[i]`` is ``(dense_input, compressed_input)``,
+    matching rows of the layer's input in the dense and in the compressed model."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+class _PassOrders:
+    """The batch order of each pass over the calibration set: in order first, then seeded shuffles.
+
+    Every pass (error measurements included) takes the next order, on every process alike, so a
+    multi-process run visits the batches exactly as one process does.
+    """
+
+    def __init__(self, batches: int, seed: int) -> None:
+        self.batches = batches
+        self.generator = torch.Generator().manual_seed(seed)
+        self.passes = 0
+
+    def next(self) -> list[int]:
+        order = torch.randperm(self.batches, generator=self.generator).tolist() if self.passes else None
+        self.passes += 1
+        return order if order is not None else list(range(self.batches))
+
+
+def _owned(pairs: InputPairs, order: list[int], processes: CalibrationProcesses):
+    """``(pair or None)`` per global batch of ``order``: batch ``g`` lives on process ``g % count``."""
+    for g in order:
+        yield pairs[g // processes.count] if g % processes.count == processes.index else None
+
+
 def _relative_error(
-    pairs: Callable[[], Iterator[tuple[torch.Tensor, torch.Tensor]]],
+    pairs: InputPairs,
+    orders: _PassOrders,
     weight: torch.Tensor,
     layer: LowRankLinear,
     processes: CalibrationProcesses,
 ) -> float:
     """``‖x̂·(AB)ᵀ − x·Wᵀ‖² / ‖x·Wᵀ‖²`` over all calibration rows of all processes (biases cancel)."""
     error, energy = 0.0, 0.0
-    with torch.no_grad():
+    with processes.together("compensation"), torch.no_grad():
         approximation = layer.dense_weight().double()
-        for dense_input, compressed_input in pairs():
+        for pair in _owned(pairs, orders.next(), processes):
+            if pair is None:
+                continue
+            dense_input, compressed_input = pair
             target = dense_input.double() @ weight.double().T
             error += float((compressed_input.double() @ approximation.T - target).square().sum())
             energy += float(target.square().sum())
@@ -50,26 +87,29 @@ def _relative_error(
 
 def train_compensation(
     layers: dict[str, tuple[torch.Tensor, LowRankLinear]],
-    pairs: Callable[[], Iterator[tuple[torch.Tensor, torch.Tensor]]],
+    pairs: InputPairs,
     residual_rank: int,
     epochs: int,
     lr: float,
+    seed: int = 0,
     processes: CalibrationProcesses = SINGLE_PROCESS,
-    batches_per_epoch: int | None = None,
 ) -> list[CompensationResult]:
     """Train the last ``residual_rank`` components of each ``LowRankLinear`` in ``layers``.
 
     ``layers`` maps a name to ``(dense_weight [out, in], low_rank_layer)``; all of them read the same
-    input. ``pairs()`` yields ``(dense_input, compressed_input)`` batches of matching rows (a fresh
-    iterator per epoch). Biases are equal in both models and cancel, so they are left out.
+    input, whose calibration batches ``pairs`` holds. One Adam step per batch; the first pass is in
+    order, later ones shuffled (``seed``). Biases are equal in both models and cancel, so they are
+    left out.
 
-    With several ``processes`` (each with its share of the batches) training is data-parallel: one
-    step takes one batch per process and averages the gradients, so every process keeps equal weights;
-    ``batches_per_epoch`` (how many batches ``pairs()`` yields here) is then needed to agree on the
-    number of steps before the first one.
+    With several ``processes``, each holds its share of the batches (batch ``g`` on process
+    ``g % count``). Every step is taken by all processes on the one batch whose owner computes the
+    gradient (the others add zeros), so the result equals one process on all batches up to rounding.
+    Only the forward passes that produced the inputs ran in parallel.
     """
-    if processes.is_distributed and batches_per_epoch is None:
-        raise ValueError("Data-parallel compensation needs batches_per_epoch (the length of this process's share).")
+    batches = len(pairs)
+    if processes.is_distributed:
+        batches = int(processes.sum_numbers([batches])[0])
+    orders = _PassOrders(batches, seed)
     results = []
     trainable = {}
     for name, (weight, layer) in layers.items():
@@ -83,30 +123,23 @@ def train_compensation(
             "main": (up[:, :main].clone(), down[:main].clone()),
             "up": up[:, main:].clone().float().requires_grad_(True),
             "down": down[main:].clone().float().requires_grad_(True),
-            "before": _relative_error(pairs, weight, layer, processes),
+            "before": _relative_error(pairs, orders, weight, layer, processes),
         }
     if not trainable:
         return results
     parameters = [t[k] for t in trainable.values() for k in ("up", "down")]
     optimizer = torch.optim.Adam(parameters, lr=lr)
     for _ in range(epochs):
-        for dense_input, compressed_input in _data_parallel(pairs, processes, batches_per_epoch):
+        for pair in _owned(pairs, orders.next(), processes):
             optimizer.zero_grad(set_to_none=True)
-            if dense_input is None:  # this process's share ran out before another's: contribute nothing
-                _average_gradients(parameters, processes, contributes=False)
-                optimizer.step()
-                continue
-            loss = 0.0
-            for name, state in trainable.items():
-                weight = layers[name][0]
-                with torch.no_grad():
-                    target = dense_input @ weight.float().T
-                    main_up, main_down = state["main"]
-                    frozen = (compressed_input @ main_down.float().T) @ main_up.float().T
-                prediction = frozen + (compressed_input.float() @ state["down"].T) @ state["up"].T
-                loss = loss + (prediction - target).square().mean() / target.square().mean().clamp_min(1e-30)
-            loss.backward()
-            _average_gradients(parameters, processes, contributes=True)
+            with processes.together("compensation"):
+                if pair is not None:
+                    _loss(trainable, layers, *pair).backward()
+            if processes.is_distributed:  # the owner's gradient, on every process (the others add zeros)
+                for parameter in parameters:
+                    if parameter.grad is None:
+                        parameter.grad = torch.zeros_like(parameter)
+                processes.sum_([parameter.grad for parameter in parameters])
             optimizer.step()
     for name, state in trainable.items():
         weight, layer = layers[name]
@@ -116,7 +149,7 @@ def train_compensation(
         with torch.no_grad():
             layer.lowrank_up.weight[:, main:] = state["up"].to(saved_up.dtype)
             layer.lowrank_down.weight[main:] = state["down"].to(saved_down.dtype)
-        after = _relative_error(pairs, weight, layer, processes)
+        after = _relative_error(pairs, orders, weight, layer, processes)
         kept = after < state["before"]
         if not kept:
             with torch.no_grad():
@@ -126,32 +159,20 @@ def train_compensation(
     return results
 
 
-def _data_parallel(
-    pairs: Callable[[], Iterator[tuple[torch.Tensor, torch.Tensor]]],
-    processes: CalibrationProcesses,
-    batches_per_epoch: int | None,
-) -> Iterator[tuple[torch.Tensor | None, torch.Tensor | None]]:
-    """One epoch of ``pairs()``; with several processes, padded with ``(None, None)`` to the longest share."""
-    if not processes.is_distributed:
-        yield from pairs()
-        return
-    steps = processes.max_int(batches_per_epoch)  # agreed before any step: every step is a collective
-    yielded = 0
-    for pair in pairs():
-        yielded += 1
-        yield pair
-    for _ in range(steps - yielded):
-        yield None, None
-
-
-def _average_gradients(parameters: list[torch.Tensor], processes: CalibrationProcesses, contributes: bool) -> None:
-    """Average gradients over the processes that had a batch this step (one process: nothing to do)."""
-    if not processes.is_distributed:
-        return
-    for parameter in parameters:
-        if parameter.grad is None:
-            parameter.grad = torch.zeros_like(parameter)
-    counts = processes.sum_numbers([float(contributes)])[0]
-    processes.sum_([parameter.grad for parameter in parameters])
-    for parameter in parameters:
-        parameter.grad /= counts
+def _loss(
+    trainable: dict[str, dict],
+    layers: dict[str, tuple[torch.Tensor, LowRankLinear]],
+    dense_input: torch.Tensor,
+    compressed_input: torch.Tensor,
+) -> torch.Tensor:
+    """Sum over the group's layers of the relative output error of one batch."""
+    loss = 0.0
+    for name, state in trainable.items():
+        weight = layers[name][0]
+        with torch.no_grad():
+            target = dense_input @ weight.float().T
+            main_up, main_down = state["main"]
+            frozen = (compressed_input @ main_down.float().T) @ main_up.float().T
+        prediction = frozen + (compressed_input.float() @ state["down"].T) @ state["up"].T
+        loss = loss + (prediction - target).square().mean() / target.square().mean().clamp_min(1e-30)
+    return loss

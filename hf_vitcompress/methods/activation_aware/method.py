@@ -54,18 +54,32 @@ def needs_calibration(config: CompressionConfig) -> bool:
 
 
 def _factorize(
-    model: nn.Module, names: Sequence[str], statistics: dict[str, LayerStatistics] | None, config: CompressionConfig
+    model: nn.Module,
+    names: Sequence[str],
+    statistics: dict[str, LayerStatistics] | None,
+    config: CompressionConfig,
+    release: bool = False,
 ) -> dict[str, WhitenedSVD]:
-    return {
-        name: whitened_svd(
+    """The whitened SVD of each named linear.
+
+    ``release=True`` removes each layer's statistics from ``statistics`` as soon as its SVD exists, so
+    the Gram matrices of all layers and the factors of all layers are never held at the same time
+    (together they are most of calibration's peak memory).
+    """
+    svds = {}
+    for name in names:
+        layer_statistics = None
+        if statistics:
+            layer_statistics = statistics.pop(name, None) if release else statistics.get(name)
+        svds[name] = whitened_svd(
             model.get_submodule(name).weight,
-            statistics.get(name) if statistics else None,
+            layer_statistics,
             whitening=config.whitening,
             gram_shrinkage=config.gram_shrinkage,
             damping=config.damping,
         )
-        for name in names
-    }
+        del layer_statistics
+    return svds
 
 
 def _candidate(name: str, module: nn.Linear, svd: WhitenedSVD, normalization: str) -> RankCandidate:
@@ -119,7 +133,11 @@ def compress_activation_aware(
     if batches is not None:
         statistics = {}
         model.eval()
-        with torch.no_grad(), record_linear_inputs(model, targets, statistics):
+        with (
+            processes.together("the calibration pass"),
+            torch.no_grad(),
+            record_linear_inputs(model, targets, statistics),
+        ):
             if block_wise:
                 with capture_block_inputs(blocks[1][0], first_inputs):
                     for batch in tqdm(batches, desc="calibration", disable=not progress, unit="batch"):
@@ -131,13 +149,14 @@ def compress_activation_aware(
 
     # 2-3. spectra and one global allocation
     svds = _factorize(
-        model, tqdm(targets, desc="factorization", disable=not progress, unit="layer"), statistics, config
+        model, tqdm(targets, desc="factorization", disable=not progress, unit="layer"), statistics, config, release=True
     )
     candidates = [
         _candidate(name, model.get_submodule(name), svds[name], config.error_normalization) for name in targets
     ]
     budget = make_budget(count_parameters(model), candidates, config.target_param_ratio)
     ranks = ALLOCATORS[config.rank_allocation](candidates, budget.candidate_budget)
+    processes.check_same("the rank allocation", {name: None if rank is DENSE else rank for name, rank in ranks.items()})
     report.solvers = {name: svd.solver for name, svd in svds.items()}
 
     # 4. install
@@ -155,7 +174,11 @@ def compress_activation_aware(
                     continue
                 if config.sequential:
                     group_statistics: dict[str, LayerStatistics] = {}
-                    with torch.no_grad(), record_linear_inputs(model, chosen[:1], group_statistics):
+                    with (
+                        processes.together("sequential calibration"),
+                        torch.no_grad(),
+                        record_linear_inputs(model, chosen[:1], group_statistics),
+                    ):
                         working_inputs.through(working_blocks[index])
                     sum_over_processes(group_statistics, processes, model)
                     shared = group_statistics[chosen[0]]  # the group's linears read the same input
@@ -164,20 +187,19 @@ def compress_activation_aware(
                 if config.compensation_rank > 0 and config.compensation_epochs > 0:
                     report.compensation += train_compensation(
                         {name: (dense_model.get_submodule(name).weight.detach(), installed[name]) for name in chosen},
-                        _input_pairs(
+                        _InputPairs(
                             dense_blocks[index],
                             working_blocks[index],
                             dense_model.get_submodule(chosen[0]),
                             model.get_submodule(chosen[0]),
                             dense_inputs,
                             working_inputs,
-                            seed=config.seed + index,
                         ),
                         residual_rank=config.compensation_rank,
                         epochs=config.compensation_epochs,
                         lr=config.compensation_lr,
+                        seed=config.seed + index,
                         processes=processes,
-                        batches_per_epoch=len(dense_inputs),
                     )
             dense_inputs = dense_inputs.through(dense_blocks[index])
             working_inputs = working_inputs.through(working_blocks[index])
@@ -197,31 +219,27 @@ def compress_activation_aware(
     return plan, report
 
 
-def _input_pairs(
-    dense_block: nn.Module,
-    working_block: nn.Module,
-    dense_linear: nn.Module,
-    working_linear: nn.Module,
-    dense_inputs: BlockInputs,
-    working_inputs: BlockInputs,
-    seed: int,
-):
-    """A re-iterable source of ``(dense input, compressed input)`` rows of one linear, batch by batch."""
-    generator = torch.Generator().manual_seed(seed)
-    epoch = [0]
+@dataclass
+class _InputPairs:
+    """This process's calibration batches of one linear as ``(dense input, compressed input)`` rows, each
+    computed on demand by running the block (nothing beyond the block inputs is kept)."""
 
-    def pairs() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        order = (
-            torch.randperm(len(dense_inputs), generator=generator).tolist() if epoch[0] else range(len(dense_inputs))
-        )
-        epoch[0] += 1
-        for i in order:
-            with torch.no_grad():
-                with capture_module_input(dense_linear) as dense_seen:
-                    dense_block(dense_inputs.hidden[i], *dense_inputs.args[i], **dense_inputs.kwargs[i])
-                with capture_module_input(working_linear) as working_seen:
-                    working_block(working_inputs.hidden[i], *working_inputs.args[i], **working_inputs.kwargs[i])
-            width = dense_seen[0].shape[-1]
-            yield dense_seen[0].reshape(-1, width), working_seen[0].reshape(-1, width)
+    dense_block: nn.Module
+    working_block: nn.Module
+    dense_linear: nn.Module
+    working_linear: nn.Module
+    dense_inputs: BlockInputs
+    working_inputs: BlockInputs
 
-    return pairs
+    def __len__(self) -> int:
+        return len(self.dense_inputs)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        dense, working = self.dense_inputs, self.working_inputs
+        with torch.no_grad():
+            with capture_module_input(self.dense_linear) as dense_seen:
+                self.dense_block(dense.hidden[i], *dense.args[i], **dense.kwargs[i])
+            with capture_module_input(self.working_linear) as working_seen:
+                self.working_block(working.hidden[i], *working.args[i], **working.kwargs[i])
+        width = dense_seen[0].shape[-1]
+        return dense_seen[0].reshape(-1, width), working_seen[0].reshape(-1, width)

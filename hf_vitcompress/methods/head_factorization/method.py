@@ -87,15 +87,17 @@ def compress_head_factorization(
     inputs = [f"{name}.q_proj" for name in attention_names] + linear_targets
     statistics: dict[str, LayerStatistics] | None = None
     if batches is not None and config.whitening != "none":
-        statistics = sum_over_processes(collect_linear_statistics(model, inputs, batches, progress), processes, model)
+        with processes.together("the calibration pass"):
+            statistics = collect_linear_statistics(model, inputs, batches, progress)
+        sum_over_processes(statistics, processes, model)
 
     factorizations = {
         name: factorize_attention(
-            model.get_submodule(name), statistics.get(f"{name}.q_proj") if statistics else None, config.damping
+            model.get_submodule(name), statistics.pop(f"{name}.q_proj", None) if statistics else None, config.damping
         )
         for name in tqdm(attention_names, desc="attention products", disable=not progress, unit="module")
     }
-    svds = _factorize(model, linear_targets, statistics, config)
+    svds = _factorize(model, linear_targets, statistics, config, release=True)
     candidates = [
         candidate
         for name, factorization in factorizations.items()
@@ -106,6 +108,7 @@ def compress_head_factorization(
     ]
     budget = make_budget(count_parameters(model), candidates, config.target_param_ratio)
     ranks = ALLOCATORS[config.rank_allocation](candidates, budget.candidate_budget)
+    processes.check_same("the rank allocation", {name: None if rank is DENSE else rank for name, rank in ranks.items()})
     report.solvers = {name: f.solver for name, f in factorizations.items()} | {n: s.solver for n, s in svds.items()}
 
     layers: dict[str, LayerPlan] = {}

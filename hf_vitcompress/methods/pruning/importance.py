@@ -102,26 +102,27 @@ def taylor_scores(
     was_training = model.training
     model.eval()
     seen = 0
-    try:
-        for batch in batches:
-            pixels = batch if isinstance(batch, torch.Tensor) else batch["pixel_values"]
-            labels = None if isinstance(batch, torch.Tensor) else batch.get("labels")
+    with processes.together("the Taylor importance pass"):
+        try:
+            for batch in batches:
+                pixels = batch if isinstance(batch, torch.Tensor) else batch["pixel_values"]
+                labels = None if isinstance(batch, torch.Tensor) else batch.get("labels")
+                model.zero_grad(set_to_none=True)
+                logits = model(pixel_values=pixels).logits
+                if labels is None:
+                    labels = logits.detach().argmax(-1)
+                nn.functional.cross_entropy(logits, labels.to(logits.device)).backward()
+                with torch.no_grad():
+                    for b, ((attention, mlp), found) in enumerate(zip(parts, parameters, strict=True)):
+                        products = {n: (p.grad * p).double() for n, p in found.items() if p.grad is not None}
+                        qk, vo = _head_terms(attention, products)
+                        heads[b] += (qk + vo.sum(1)).cpu() ** 2
+                        dims[b] += vo.cpu() ** 2
+                        neurons[b] += _neuron_terms(mlp, products).cpu() ** 2
+                seen += 1
+        finally:
             model.zero_grad(set_to_none=True)
-            logits = model(pixel_values=pixels).logits
-            if labels is None:
-                labels = logits.detach().argmax(-1)
-            nn.functional.cross_entropy(logits, labels.to(logits.device)).backward()
-            with torch.no_grad():
-                for b, ((attention, mlp), found) in enumerate(zip(parts, parameters, strict=True)):
-                    products = {n: (p.grad * p).double() for n, p in found.items() if p.grad is not None}
-                    qk, vo = _head_terms(attention, products)
-                    heads[b] += (qk + vo.sum(1)).cpu() ** 2
-                    dims[b] += vo.cpu() ** 2
-                    neurons[b] += _neuron_terms(mlp, products).cpu() ** 2
-            seen += 1
-    finally:
-        model.zero_grad(set_to_none=True)
-        model.train(was_training)
+            model.train(was_training)
     if processes.is_distributed:
         shapes = [(s.heads, s.head_dim, s.neurons) for s in structure.blocks]
         processes.check_same("the pruned model", [str(next(model.parameters()).dtype), shapes])
