@@ -9,7 +9,7 @@ mode (activation-aware whitening, one streaming pass, no compensation), which ke
 matrix per target linear whatever the number of images. Reported: wall time of the whole ``compress()``
 call, of its streaming calibration pass (forward passes + Gram updates) per image, of the rest
 (factorization, installing the factors), and peak RSS minus the RSS before ``compress()``. Writes
-``calibration_scale.json`` and its RESULTS.md section.
+``calibration_scale_<size>px.json`` and its RESULTS.md section.
 """
 
 from __future__ import annotations
@@ -118,7 +118,7 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--output", default=str(HERE / "calibration_scale.json"))
+    parser.add_argument("--output", default=None, help="default: calibration_scale_<image size>px.json")
     parser.add_argument("--no-results", action="store_true", help="do not update RESULTS.md")
     args = parser.parse_args()
     if args.worker is not None:
@@ -132,11 +132,11 @@ def main() -> None:
         ).stdout
         rows.append(json.loads(output.strip().splitlines()[-1]))
         print(json.dumps(rows[-1]), flush=True)
-    Path(args.output).write_text(json.dumps(rows, indent=2))
+    Path(args.output or HERE / f"calibration_scale_{args.image_size}px.json").write_text(json.dumps(rows, indent=2))
     table = render(rows)
     print(table)
     if not args.no_results:
-        update_results_file("calibration-scale", table)
+        update_results_file(f"calibration-scale-{args.image_size}px", table)
 
 
 if __name__ == "__main__":

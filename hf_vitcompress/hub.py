@@ -191,6 +191,25 @@ def _eval_results(report: EvaluationReport) -> list[EvalResult]:
     return results
 
 
+def describe_tuning(plan: CompressionPlan) -> str:
+    """One sentence for the card from ``plan.tuning`` (written by :func:`hf_vitcompress.tune`)."""
+    tuning = plan.tuning
+    layers = tuning.get("layers", {}).values()
+    choices = [layer["choice"] for layer in layers]
+    timed_fused = any("fused" in layer.get("milliseconds", {}) for layer in layers)
+    merged = len(tuning.get("merged_to_dense", []))
+    fused = choices.count("fused")
+    shape = "×".join(str(size) for size in tuning.get("example_inputs_shape", []))
+    sentence = (
+        f"Each factorized layer was then timed on {tuning.get('device')} ({tuning.get('dtype')}, input {shape}) as dense, "
+        f"as two factor matmuls{' and with the fused Triton kernel' if timed_fused else ''}, and runs the "
+        f"fastest way: {choices.count('factorized')} as two matmuls, {fused} fused, {merged} merged back to dense."
+    )
+    if merged:
+        sentence += " Merged layers hold their dense weights again; the parameter count above includes them."
+    return sentence
+
+
 def build_model_card(
     model: nn.Module,
     *,
@@ -281,6 +300,8 @@ def build_model_card(
             + (f" ({search['data']})" if search.get("data") else "")
             + "."
         )
+    if plan.tuning:
+        variables["tuning_sentence"] = describe_tuning(plan)
     variables.update(
         card_data=card_data.to_yaml(),
         model_name=model_name,

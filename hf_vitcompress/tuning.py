@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .kernels.lowrank import triton_available
+from .kernels.lowrank import MAX_FUSED_RANK, triton_available
 from .layers import LowRankLinear
 from .plan import CompressionPlan, count_parameters, set_submodule
 
@@ -134,6 +134,9 @@ def _time_layer(
                 else:
                     layer.implementation = choice
                     function = lambda: layer(inputs)  # noqa: E731
+                if choice == "fused" and not (layer._fused_serves(inputs) and layer.rank <= MAX_FUSED_RANK):
+                    milliseconds[choice] = math.inf  # it would run the two GEMMs: timing it would mislabel them
+                    continue
                 try:
                     milliseconds[choice] = median_milliseconds(function, inputs.device, repeats, warmup)
                 except Exception as error:  # noqa: BLE001 - a candidate that cannot run here is not chosen

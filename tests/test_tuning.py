@@ -142,3 +142,14 @@ def test_tune_refuses_what_it_cannot_time(compressed, pixels):
         tune(compressed, pixels[:2], choices=("fused",))
     with pytest.raises(TuningError, match="model's device"):
         tune(compressed, [pixels[:2]])
+
+
+def test_the_model_card_says_how_layers_run(compressed, pixels):
+    from hf_vitcompress import build_model_card
+
+    tune(compressed, pixels[:4], choices=("dense",), repeats=1, warmup=0)
+    card = str(build_model_card(compressed))
+    merged = len(compressed.compression_plan.tuning["merged_to_dense"])
+    assert "timed on cpu (float32, input 4×3×16×16)" in card
+    assert f"0 as two matmuls, 0 fused, {merged} merged back to dense" in card
+    assert "the parameter count above includes them" in card
