@@ -9,6 +9,7 @@ these exact weights. A field that was not measured is left out, never estimated.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import tempfile
 from collections.abc import Iterable
@@ -191,21 +192,56 @@ def _eval_results(report: EvaluationReport) -> list[EvalResult]:
     return results
 
 
+_CANDIDATE_WORDS = {"dense": "as dense", "factorized": "as two factor matmuls", "fused": "with the fused Triton kernel"}
+
+
 def describe_tuning(plan: CompressionPlan) -> str:
-    """One sentence for the card from ``plan.tuning`` (written by :func:`hf_vitcompress.tune`)."""
+    """One sentence for the card from ``plan.tuning`` (written by :func:`hf_vitcompress.tune`).
+
+    It names only the forms that were actually timed (a finite time in some layer: a form that could not
+    run there is recorded as infinite), and counts what the last ``tune`` decided separately from layers
+    an earlier ``tune`` merged or that its forward pass never reached."""
     tuning = plan.tuning
-    layers = tuning.get("layers", {}).values()
+    layers = list(tuning.get("layers", {}).values())
     choices = [layer["choice"] for layer in layers]
-    timed_fused = any("fused" in layer.get("milliseconds", {}) for layer in layers)
-    merged = len(tuning.get("merged_to_dense", []))
-    fused = choices.count("fused")
-    shape = "×".join(str(size) for size in tuning.get("example_inputs_shape", []))
-    sentence = (
-        f"Each factorized layer was then timed on {tuning.get('device')} ({tuning.get('dtype')}, input {shape}) as dense, "
-        f"as two factor matmuls{' and with the fused Triton kernel' if timed_fused else ''}, and runs the "
-        f"fastest way: {choices.count('factorized')} as two matmuls, {fused} fused, {merged} merged back to dense."
+    timed = [
+        candidate
+        for candidate in _CANDIDATE_WORDS
+        if any(math.isfinite(layer.get("milliseconds", {}).get(candidate, math.inf)) for layer in layers)
+    ]
+    where = tuning.get("device") or "an unrecorded device"
+    details = ", ".join(
+        part
+        for part in (
+            tuning.get("dtype"),
+            "input " + "×".join(str(size) for size in tuning["example_inputs_shape"])
+            if tuning.get("example_inputs_shape")
+            else None,
+        )
+        if part
     )
-    if merged:
+    where += f" ({details})" if details else ""
+    counts = f"{choices.count('factorized')} as two matmuls, {choices.count('fused')} fused, {choices.count('dense')} merged back to dense"
+    if len(timed) > 1:
+        sentence = (
+            f"{len(layers)} factorized layers were then timed on {where} "
+            f"{', '.join(_CANDIDATE_WORDS[c] for c in timed[:-1])} and {_CANDIDATE_WORDS[timed[-1]]}, "
+            f"and run the fastest way: {counts}."
+        )
+    else:
+        sentence = f"{len(layers)} factorized layers were then set, without a comparison, on {where}: {counts}."
+    earlier = len(set(tuning.get("merged_to_dense", [])) - set(tuning.get("layers", {})))
+    if earlier:
+        sentence += f" {earlier} more were merged back to dense by an earlier tuning."
+    untimed = len(set(plan.layers) - set(tuning.get("layers", {})))
+    if untimed:
+        sentence += f" {untimed} factorized layers were not reached by the timing pass and run as two matmuls."
+    if choices.count("fused"):
+        sentence += (
+            " The fused layers run the kernel for inference on a CUDA GPU with Triton installed; elsewhere, and"
+            " whenever gradients are needed, they run the two matmuls."
+        )
+    if choices.count("dense") or earlier:
         sentence += " Merged layers hold their dense weights again; the parameter count above includes them."
     return sentence
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .kernels.lowrank import lowrank_linear
+from .kernels.lowrank import _fused_can_run, fused_lowrank_linear
 
 IMPLEMENTATIONS = ("factorized", "fused")
 """How a :class:`LowRankLinear` runs: two ``nn.Linear`` GEMMs, or the fused Triton kernel where it can run.
@@ -84,9 +84,17 @@ class LowRankLinear(nn.Module):
         return self.lowrank_up.bias
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        if self.implementation == "fused" and self._fused_serves(hidden_states):
-            return lowrank_linear(hidden_states, self.lowrank_down.weight, self.lowrank_up.weight, self.lowrank_up.bias)
+        if self.implementation == "fused" and self.kernel_serves(hidden_states):
+            weights = (self.lowrank_down.weight, self.lowrank_up.weight, self.lowrank_up.bias)
+            return fused_lowrank_linear(hidden_states, *weights)
         return self.lowrank_up(self.lowrank_down(hidden_states))
+
+    def kernel_serves(self, hidden_states: torch.Tensor) -> bool:
+        """Whether a ``fused`` layer would run the kernel for this input (else: the two GEMMs).
+
+        The one rule for both ``forward`` and :func:`hf_vitcompress.tune`, so that a timing labelled
+        ``fused`` is always a timing of the kernel."""
+        return self._fused_serves(hidden_states) and _fused_can_run(hidden_states, self.rank)
 
     def _fused_serves(self, hidden_states: torch.Tensor) -> bool:
         """Whether the kernel gives what the two child ``forward`` calls would, with nobody missing them."""

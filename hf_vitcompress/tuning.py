@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .kernels.lowrank import MAX_FUSED_RANK, triton_available
+from .kernels.lowrank import triton_available
 from .layers import LowRankLinear
 from .plan import CompressionPlan, count_parameters, set_submodule
 
@@ -134,7 +134,7 @@ def _time_layer(
                 else:
                     layer.implementation = choice
                     function = lambda: layer(inputs)  # noqa: E731
-                if choice == "fused" and not (layer._fused_serves(inputs) and layer.rank <= MAX_FUSED_RANK):
+                if choice == "fused" and not layer.kernel_serves(inputs):
                     milliseconds[choice] = math.inf  # it would run the two GEMMs: timing it would mislabel them
                     continue
                 try:
@@ -200,6 +200,12 @@ def tune(
             layer = model.get_submodule(name)
             milliseconds = _time_layer(layer, shapes[name], tuple(choices), repeats, warmup)
             runnable = {choice: ms for choice, ms in milliseconds.items() if math.isfinite(ms)}
+            if not runnable:
+                warnings.warn(
+                    f"tune: none of {tuple(choices)} can run {name} here (the fused kernel needs rank <= 256 "
+                    "and factors no other tool hooked or wrapped); it stays as two factor matmuls.",
+                    stacklevel=2,
+                )
             choice = min(runnable, key=runnable.get) if runnable else "factorized"
             rows = math.prod(shapes[name][:-1])
             timings.append(

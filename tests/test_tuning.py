@@ -61,7 +61,9 @@ def test_fused_choice_runs_the_kernel_and_survives_a_reload(compressed, pixels, 
     fused = [m for m in compressed.modules() if isinstance(m, LowRankLinear)]
     assert fused and all(m.implementation == "fused" for m in fused)
     calls = []
-    monkeypatch.setattr("hf_vitcompress.layers.lowrank_linear", lambda *a: calls.append(1) or _kernel_dispatch(*a))
+    monkeypatch.setattr(
+        "hf_vitcompress.layers.fused_lowrank_linear", lambda *a: calls.append(1) or _kernel_dispatch(*a)
+    )
     torch.testing.assert_close(_logits(compressed, pixels[:4]), reference, rtol=1e-4, atol=1e-5)
     assert len(calls) == len(fused)
     compressed.save_pretrained(tmp_path)
@@ -73,9 +75,9 @@ def test_fused_choice_runs_the_kernel_and_survives_a_reload(compressed, pixels, 
 
 
 def _kernel_dispatch(*args):
-    from hf_vitcompress.kernels.lowrank import lowrank_linear
+    from hf_vitcompress.kernels.lowrank import fused_lowrank_linear
 
-    return lowrank_linear(*args)
+    return fused_lowrank_linear(*args)
 
 
 def _fused_layer() -> LowRankLinear:
@@ -90,7 +92,7 @@ def test_fused_layer_falls_back_wherever_the_kernel_would_differ(monkeypatch):
     layer = _fused_layer()
     kernel_calls = []
     monkeypatch.setattr(
-        "hf_vitcompress.layers.lowrank_linear", lambda *a: kernel_calls.append(1) or _kernel_dispatch(*a)
+        "hf_vitcompress.layers.fused_lowrank_linear", lambda *a: kernel_calls.append(1) or _kernel_dispatch(*a)
     )
     expected = layer.lowrank_up(layer.lowrank_down(x))
     with torch.no_grad():
@@ -147,9 +149,45 @@ def test_tune_refuses_what_it_cannot_time(compressed, pixels):
 def test_the_model_card_says_how_layers_run(compressed, pixels):
     from hf_vitcompress import build_model_card
 
-    tune(compressed, pixels[:4], choices=("dense",), repeats=1, warmup=0)
+    tune(compressed, pixels[:4], repeats=1, warmup=0)
+    choices = [layer["choice"] for layer in compressed.compression_plan.tuning["layers"].values()]
     card = str(build_model_card(compressed))
+    assert "timed on cpu (float32, input 4×3×16×16) as dense and as two factor matmuls, and run the fastest way" in card
+    assert f"{choices.count('factorized')} as two matmuls, 0 fused, {choices.count('dense')} merged" in card
+    assert "Triton" not in card
+
+
+def test_the_model_card_names_only_what_was_timed(compressed, pixels):
+    from hf_vitcompress import build_model_card
+
+    tune(compressed, pixels[:4], choices=("dense",), repeats=1, warmup=0)
     merged = len(compressed.compression_plan.tuning["merged_to_dense"])
-    assert "timed on cpu (float32, input 4×3×16×16)" in card
+    card = str(build_model_card(compressed))
+    assert f"{merged} factorized layers were then set, without a comparison, on cpu" in card
     assert f"0 as two matmuls, 0 fused, {merged} merged back to dense" in card
-    assert "the parameter count above includes them" in card
+    assert "the parameter count above includes them" in card and "fastest" not in card
+
+
+def test_a_layer_that_would_fall_back_is_not_timed_as_fused(compressed, pixels, monkeypatch):
+    from hf_vitcompress import build_model_card
+
+    monkeypatch.setattr(tuning, "candidates_for", lambda device, dtype: tuning.CHOICES)
+    hooked = compressed.vit.layers[0].mlp.fc1
+    hooked.lowrank_down.register_forward_hook(lambda *args: None)  # e.g. a MAC counter: the kernel would skip it
+    with pytest.warns(UserWarning, match="none of .* can run vit.layers.0.mlp.fc1"):
+        timings = tune(compressed, pixels[:4], choices=("fused",), repeats=1, warmup=0)
+    by_name = {timing.name: timing for timing in timings}
+    assert by_name["vit.layers.0.mlp.fc1"].milliseconds == {"fused": float("inf")}
+    assert by_name["vit.layers.0.mlp.fc1"].choice == "factorized" and hooked.implementation == "factorized"
+    others = [timing for name, timing in by_name.items() if name != "vit.layers.0.mlp.fc1"]
+    assert others and all(timing.choice == "fused" for timing in others)
+    card = str(build_model_card(compressed))
+    assert f"1 as two matmuls, {len(others)} fused, 0 merged" in card
+    assert "run the kernel for inference on a CUDA GPU with Triton installed" in card
+
+
+def test_every_fused_candidate_that_cannot_run_is_recorded_as_infinite(compressed, pixels, monkeypatch):
+    monkeypatch.setattr(tuning, "candidates_for", lambda device, dtype: tuning.CHOICES)
+    monkeypatch.setattr("hf_vitcompress.layers._fused_can_run", lambda x, *ranks: False)  # e.g. rank > 256
+    timings = tune(compressed, pixels[:4], choices=("factorized", "fused"), repeats=1, warmup=0)
+    assert all(t.milliseconds["fused"] == float("inf") and t.choice == "factorized" for t in timings)
