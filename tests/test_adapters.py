@@ -308,3 +308,80 @@ def test_lora_through_diffusers_and_the_adapter_switch_independently():
     torch.testing.assert_close(_unet_out(unet, inputs), both)
     assert len({round(float((t - base).abs().max()), 6) for t in (lora, comcat, both)}) == 3
     assert isinstance(unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.processor, HeadLowRankAttnProcessor)
+
+
+def test_the_example_trains_saves_and_the_adapter_reloads(tmp_path, monkeypatch):
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from hf_vitcompress.adapters.tiny import tiny_pipeline
+    from hf_vitcompress.adapters.training import add_placeholder_token, prompt_ids
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "customize_diffusion.py"
+    spec = importlib.util.spec_from_file_location("customize_diffusion", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    output = tmp_path / "concept"
+    argv = [
+        "customize_diffusion.py",
+        "--steps",
+        "4",
+        "--samples",
+        "1",
+        "--inference-steps",
+        "2",
+        "--output",
+        str(output),
+    ]
+    monkeypatch.setattr(sys, "argv", argv)
+    example.main()
+    assert {p.name for p in output.iterdir()} == {
+        WEIGHTS_NAME,
+        CONFIG_NAME,
+        "placeholder_token.safetensors",
+        "sample_0.png",
+    }
+
+    pipe = tiny_pipeline(seed=0)  # the example's base pipeline, rebuilt
+    token_id = add_placeholder_token(pipe, "<v>")
+    with torch.no_grad():
+        pipe.text_encoder.get_input_embeddings().weight[token_id] = load_file(output / "placeholder_token.safetensors")[
+            "<v>"
+        ]
+    untrained_row = pipe.text_encoder.get_input_embeddings().weight[pipe.tokenizer.convert_tokens_to_ids("sneaker")]
+    assert not torch.equal(pipe.text_encoder.get_input_embeddings().weight[token_id], untrained_row)  # it trained
+    load_head_lowrank_adapter(pipe.unet, output)
+    branch = pipe.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn2.processor.branches["concept"]
+    assert branch.key_lowrank.weight.abs().sum() > 0  # trained away from its zero start
+    context = pipe.text_encoder(prompt_ids(pipe, "a photo of <v> sneaker"))[0]
+    assert context.shape == (1, 16, 32)
+
+
+def test_training_moves_only_the_adapter_and_the_placeholder_row():
+    from hf_vitcompress.adapters.tiny import tiny_pipeline
+    from hf_vitcompress.adapters.training import add_placeholder_token, train_customization
+
+    pipe = tiny_pipeline(seed=0)
+    token_id = add_placeholder_token(pipe, "<v>", initializer="dog")
+    embeddings = pipe.text_encoder.get_input_embeddings().weight
+    assert torch.equal(embeddings[token_id], embeddings[pipe.tokenizer.convert_tokens_to_ids("dog")])
+    for module in (pipe.text_encoder, pipe.vae):
+        module.requires_grad_(False)
+    add_head_lowrank_adapter(pipe.unet, HeadLowRankAdapterConfig(), "concept")
+    unet_before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    embeddings_before = embeddings.detach().clone()
+    latents = torch.randn(3, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    parameters = [p for p in pipe.unet.parameters() if p.requires_grad]
+    record = train_customization(
+        pipe, latents, "a photo of <v> dog", parameters, steps=3, learning_rate=1e-2, placeholder_token_id=token_id
+    )
+    assert len(record.losses) == 3 and record.seconds_per_step > 0
+    changed = {k for k, v in pipe.unet.state_dict().items() if not torch.equal(v, unet_before[k])}
+    assert changed and all(".branches.concept." in k for k in changed)
+    moved = (embeddings.detach() != embeddings_before).any(dim=1).nonzero().flatten().tolist()
+    assert moved == [token_id] and not embeddings.requires_grad
+    with pytest.raises(ValueError, match="already has '<v>'"):
+        add_placeholder_token(pipe, "<v>")

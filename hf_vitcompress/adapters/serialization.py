@@ -81,7 +81,10 @@ def save_head_lowrank_adapter(model: nn.Module, directory: str | os.PathLike, ad
             os.close(handle)
             staged.append((Path(temporary), directory / final))
             write(Path(temporary))
+        umask = os.umask(0)
+        os.umask(umask)
         for temporary, final in staged:
+            os.chmod(temporary, 0o666 & ~umask)  # mkstemp makes private files; these are ordinary outputs
             os.replace(temporary, final)
     finally:
         for temporary, _ in staged:

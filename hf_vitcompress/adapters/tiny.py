@@ -131,7 +131,12 @@ def tiny_pipeline(seed: int = 0, extra_tokens: tuple[str, ...] = ()):
         sample_size=IMAGE_SIZE,
     )
     scheduler = DDPMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000, clip_sample=False
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        clip_sample=False,
+        steps_offset=1,
     )
     return StableDiffusionPipeline(
         vae=vae,
