@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -158,7 +159,7 @@ def render(rows: list[dict], steps: int, learning_rates: list[float]) -> str:
         "## Diffusion customization: head low-rank adapter vs LoRA (`python benchmarks/diffusion_adapter.py`)",
         "",
         f"Tiny Stable-Diffusion-shaped pipeline (random weights, 8 attentions, 32 px), 6 concept images, {steps} "
-        f"AdamW steps at batch 1 per learning rate in {learning_rates}, CPU (2 cores), one fresh process per method. "
+        f"AdamW steps at batch 1 per learning rate in {learning_rates}, CPU ({os.cpu_count()} cores), one fresh process per method. "
         "Fixed-set loss: denoising MSE on the concept latents at fixed noise and timesteps (lower fits better), "
         "before training and after the best learning rate. Ratios are against the head low-rank adapter.",
         "",

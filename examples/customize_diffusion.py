@@ -48,7 +48,7 @@ def write_default_concept(folder: Path, count: int = 6) -> None:
 
 def load_pipeline(pretrained: str | None, device: str):
     if pretrained is None:
-        return tiny_pipeline(seed=0), IMAGE_SIZE
+        return tiny_pipeline(seed=0).to(device), IMAGE_SIZE
     from diffusers import StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline.from_pretrained(pretrained, safety_checker=None, requires_safety_checker=False)

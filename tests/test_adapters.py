@@ -138,10 +138,16 @@ def test_training_reaches_every_factor_and_only_the_adapter():
     trainable = {name for name, p in unet.named_parameters() if p.requires_grad}
     assert trainable and all(".processor.branches.default." in name for name in trainable)
     assert len(trainable) == 4 * 4  # 4 cross-attentions, Q′ K′ V′ O′ each
+    parameters = {name.rsplit(".", 2)[-2]: p for name, p in unet.named_parameters() if p.requires_grad}
+    optimizer = torch.optim.SGD(list(parameters.values()), lr=0.1)
     unet(*inputs).sample.pow(2).mean().backward()
-    grads = {name.rsplit(".", 2)[-2]: p.grad for name, p in unet.named_parameters() if p.requires_grad}
     # K′ and O′ start at zero but get gradients at once; Q′ and V′ wait for them (their partners are 0).
-    assert grads["key_lowrank"].abs().sum() > 0 and grads["output_lowrank"].abs().sum() > 0
+    assert parameters["key_lowrank"].grad.abs().sum() > 0 and parameters["output_lowrank"].grad.abs().sum() > 0
+    assert parameters["query_lowrank"].grad.abs().sum() == 0 and parameters["value_lowrank"].grad.abs().sum() == 0
+    optimizer.step()
+    optimizer.zero_grad()
+    unet(*inputs).sample.pow(2).mean().backward()
+    assert all(p.grad.abs().sum() > 0 for p in parameters.values())  # after one step, all four train
 
 
 def test_several_named_adapters_scale_switch_and_remove():
@@ -238,8 +244,8 @@ def test_fusing_into_wider_heads_gives_the_same_outputs(base_processor):
     assert len(fused) == 8 and not head_lowrank_adapter_names(unet)
     assert all(type(p) is base_processor for p in unet.attn_processors.values())
     attn1 = unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1
-    assert attn1.to_q.out_features == attn1.heads * (4 + 2 + 1)  # head width 4, plus both adapters
-    assert sum(p.numel() for p in unet.parameters()) == parameters  # the same numbers, packed differently
+    assert attn1.to_q.out_features == attn1.heads * 8  # head width 4, plus both adapters (3), padded to 8
+    assert sum(p.numel() for p in unet.parameters()) > parameters  # the same numbers plus zero padding
     torch.testing.assert_close(_unet_out(unet, inputs), adapted, rtol=1e-4, atol=1e-5)
 
 
@@ -385,3 +391,138 @@ def test_training_moves_only_the_adapter_and_the_placeholder_row():
     assert moved == [token_id] and not embeddings.requires_grad
     with pytest.raises(ValueError, match="already has '<v>'"):
         add_placeholder_token(pipe, "<v>")
+
+
+def test_a_vae_style_attention_with_residual_group_norm_and_4d_input():
+    torch.manual_seed(0)
+    attn = Attention(
+        16, heads=2, dim_head=8, norm_num_groups=4, residual_connection=True, rescale_output_factor=2.0, bias=True
+    )
+    holder = nn.ModuleDict({"attn1": attn})
+    x = torch.randn(2, 16, 3, 5)
+    with torch.no_grad():
+        base = attn(x)
+        add_head_lowrank_adapter(holder, HeadLowRankAdapterConfig(rank_per_head=3, targets=("attn1",)))
+        torch.testing.assert_close(attn(x), base, rtol=1e-5, atol=1e-6)
+        _randomize(holder)
+        adapted = attn(x)
+        assert adapted.shape == x.shape and (adapted - base).abs().max() > 1e-3
+        fuse_head_lowrank_adapters(holder)
+        torch.testing.assert_close(attn(x), adapted, rtol=1e-5, atol=1e-5)
+
+
+def test_float32_factors_on_a_bfloat16_model_run_without_autocast():
+    model = OneAttention(bias=True)
+    add_head_lowrank_adapter(model, HeadLowRankAdapterConfig(targets=("attn2",)))
+    _randomize(model)
+    x, context = torch.randn(2, 5, 16), torch.randn(2, 4, 12)
+    with torch.no_grad():
+        reference = model(x, context)
+        model.to(torch.bfloat16)
+        model.attn2.processor.to(torch.float32)  # the branch stays float32, as cast_training_params leaves it
+        out = model(x.bfloat16(), context.bfloat16())
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), reference, rtol=0.05, atol=0.05)
+
+
+def test_replacing_the_processors_removes_the_adapters_consistently(tmp_path):
+    unet = tiny_unet()
+    add_head_lowrank_adapter(unet, HeadLowRankAdapterConfig(), "dog")
+    unet.set_attn_processor(AttnProcessor2_0())  # any diffusers call that swaps processors
+    assert head_lowrank_adapter_names(unet) == []
+    assert not any("branches" in name for name, _ in unet.named_parameters())
+    with pytest.raises(AdapterError, match="No head low-rank adapter named 'dog'.*remove adapters with them"):
+        save_head_lowrank_adapter(unet, tmp_path, "dog")
+
+
+def test_names_keep_their_order_duplicates_are_refused_and_a_disabled_model_stays_disabled():
+    unet, inputs = tiny_unet().eval(), _unet_inputs()
+    before = _unet_out(unet, inputs)
+    add_head_lowrank_adapter(unet, HeadLowRankAdapterConfig(targets=("attn2",)), "first")
+    add_head_lowrank_adapter(unet, HeadLowRankAdapterConfig(targets=("attn1",)), "second")
+    assert head_lowrank_adapter_names(unet) == ["first", "second"]
+    with pytest.raises(AdapterError, match="Each adapter may be named once"):
+        set_head_lowrank_adapters(unet, ["first", "first"], [1.0, 1.0])
+    remove_head_lowrank_adapter(unet, "second")
+    disable_head_lowrank_adapters(unet)
+    add_head_lowrank_adapter(unet, HeadLowRankAdapterConfig(targets=("attn1",)), "third")
+    _randomize(unet, "first")
+    _randomize(unet, "third")
+    assert torch.equal(_unet_out(unet, inputs), before)  # the new attn1 processors joined the disabled state
+
+
+def test_compiled_models_use_the_plain_module_names(tmp_path):
+    unet = tiny_unet()
+    compiled = torch.compile(unet)  # never run: only its module names matter here
+    names = add_head_lowrank_adapter(compiled, HeadLowRankAdapterConfig())
+    assert not any(name.startswith("_orig_mod") for name in names)
+    save_head_lowrank_adapter(compiled, tmp_path)
+    assert load_head_lowrank_adapter(tiny_unet(), tmp_path) == "default"
+
+
+def test_an_interrupted_save_or_damaged_config_is_detected(tmp_path, monkeypatch):
+    import os
+
+    unet = tiny_unet()
+    add_head_lowrank_adapter(unet, HeadLowRankAdapterConfig(alpha=1.0))
+    save_head_lowrank_adapter(unet, tmp_path)
+    _randomize(unet)
+    replace = os.replace
+    calls = []
+
+    def interrupted(source, target):  # the weights move into place, then the process dies
+        calls.append(target)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        replace(source, target)
+
+    monkeypatch.setattr(os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        save_head_lowrank_adapter(unet, tmp_path)
+    monkeypatch.setattr(os, "replace", replace)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([CONFIG_NAME, WEIGHTS_NAME])  # no temporaries
+    with pytest.raises(AdapterError, match="is not the weights file .* was saved with"):
+        load_head_lowrank_adapter(tiny_unet(), tmp_path)
+
+    save_head_lowrank_adapter(unet, tmp_path)
+    document = json.loads((tmp_path / CONFIG_NAME).read_text())
+    for damage, message in (
+        ({"modules": ["attn1"]}, "modules .* is missing or empty"),
+        ({"format_version": "1"}, "format_version is '1', not an integer"),
+        ({"adapter_name": None}, "adapter_name .* is missing"),
+    ):
+        (tmp_path / CONFIG_NAME).write_text(json.dumps({**document, **damage}))
+        with pytest.raises(AdapterError, match=message):
+            load_head_lowrank_adapter(tiny_unet(), tmp_path)
+    (tmp_path / CONFIG_NAME).write_text(json.dumps(document))
+    with pytest.raises(AdapterError, match="adapter_name must be a non-empty string"):
+        load_head_lowrank_adapter(tiny_unet(), tmp_path, adapter_name="")
+
+
+def test_pipeline_load_lora_weights_beside_a_loaded_head_adapter(tmp_path):
+    """The issue's user story: a saved head adapter and a saved LoRA, both loaded onto a fresh pipeline."""
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    from hf_vitcompress.adapters.tiny import tiny_pipeline
+
+    inputs = _unet_inputs()
+    trained = tiny_pipeline(seed=0)
+    trained.unet.add_adapter(LoraConfig(r=4, target_modules=["to_q", "to_v"], init_lora_weights=False), "style")
+    type(trained).save_lora_weights(
+        tmp_path / "lora",
+        unet_lora_layers=get_peft_model_state_dict(trained.unet, adapter_name="style"),
+        unet_lora_adapter_metadata=trained.unet.peft_config["style"].to_dict(),  # keeps lora_alpha
+    )
+    add_head_lowrank_adapter(trained.unet, HeadLowRankAdapterConfig(), "dog")
+    _randomize(trained.unet, "dog")
+    save_head_lowrank_adapter(trained.unet, tmp_path / "dog", "dog")
+    expected = _unet_out(trained.unet.eval(), inputs)
+
+    pipe = tiny_pipeline(seed=0)
+    load_head_lowrank_adapter(pipe.unet, tmp_path / "dog")
+    pipe.load_lora_weights(tmp_path / "lora", adapter_name="style")
+    torch.testing.assert_close(_unet_out(pipe.unet.eval(), inputs), expected)
+    pipe.set_adapters(["style"], [0.0])  # both switched off, each through its own API: the base UNet again
+    set_head_lowrank_adapters(pipe.unet, [])
+    torch.testing.assert_close(_unet_out(pipe.unet, inputs), _unet_out(tiny_pipeline(seed=0).unet.eval(), inputs))

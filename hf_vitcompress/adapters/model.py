@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .config import AdapterError, HeadLowRankAdapterConfig
-from .processor import HeadLowRankAttnProcessor, HeadLowRankBranch, base_scale
+from .processor import HeadLowRankAttnProcessor, HeadLowRankBranch, base_scale, padded_width
 
 
 def _diffusers_attention():
@@ -55,7 +55,7 @@ def attention_modules(model: nn.Module, targets: Iterable[str], *, exact: bool =
     carry the branch."""
     attention_class, base_processors = _diffusers_attention()
     targets = tuple(targets)
-    every = {name: module for name, module in model.named_modules() if isinstance(module, attention_class)}
+    every = {name: module for name, module in unwrap(model).named_modules() if isinstance(module, attention_class)}
     if exact:
         chosen = {name: every[name] for name in targets if name in every}
     else:
@@ -77,33 +77,51 @@ def attention_modules(model: nn.Module, targets: Iterable[str], *, exact: bool =
     return chosen
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model itself under ``torch.compile`` / DDP wrappers, so module names never carry their prefixes."""
+    while True:
+        inner = getattr(model, "_orig_mod", None) or (
+            model.module if isinstance(model, nn.parallel.DistributedDataParallel) else None
+        )
+        if inner is None:
+            return model
+        model = inner
+
+
 def _processors(model: nn.Module) -> dict[str, HeadLowRankAttnProcessor]:
     return {
         name: module.processor
-        for name, module in model.named_modules()
+        for name, module in unwrap(model).named_modules()
         if isinstance(getattr(module, "processor", None), HeadLowRankAttnProcessor)
     }
 
 
 def head_lowrank_adapter_names(model: nn.Module) -> list[str]:
-    """The adapters added to ``model``, in the order they were added."""
-    names: dict[str, None] = {}
+    """The adapters on ``model``, in the order they were added.
+
+    The processors are the only record: a diffusers call that replaces them (``set_attn_processor``,
+    ``enable_attention_slicing``, ``fuse_qkv_projections``, xFormers, IP-Adapter loading) removes
+    the adapters with them, and they are then gone from here too."""
+    branches: dict[str, HeadLowRankBranch] = {}
     for processor in _processors(model).values():
-        names.update(dict.fromkeys(processor.branches))
-    return list(names)
+        for name, branch in processor.branches.items():
+            branches.setdefault(name, branch)
+    return sorted(branches, key=lambda name: branches[name].serial)
 
 
 def adapter_config(model: nn.Module, adapter_name: str) -> HeadLowRankAdapterConfig:
     """The config ``adapter_name`` was added with."""
-    configs = getattr(model, "_head_lowrank_configs", {})
-    if adapter_name not in configs:
-        raise AdapterError(
-            f"No head low-rank adapter named {adapter_name!r} on this model; it has {head_lowrank_adapter_names(model)}."
-        )
-    return configs[adapter_name]
+    for processor in _processors(model).values():
+        if adapter_name in processor.branches:
+            return processor.branches[adapter_name].config
+    raise AdapterError(
+        f"No head low-rank adapter named {adapter_name!r} on this model; it has {head_lowrank_adapter_names(model)}. "
+        "(Diffusers calls that replace attention processors, such as set_attn_processor or enable_attention_slicing, "
+        "remove adapters with them.)"
+    )
 
 
-def _check_name(adapter_name: str) -> None:
+def check_adapter_name(adapter_name: str) -> None:
     if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
         raise AdapterError(f"adapter_name must be a non-empty string without '.', got {adapter_name!r}.")
 
@@ -123,7 +141,8 @@ def add_head_lowrank_adapter(
     leaves this adapter's trainable. The new adapter is made active beside any already active ones.
     ``modules`` pins the exact attention names (used when loading a saved adapter).
     """
-    _check_name(adapter_name)
+    model = unwrap(model)
+    check_adapter_name(adapter_name)
     if not isinstance(config, HeadLowRankAdapterConfig):
         raise AdapterError(f"config must be a HeadLowRankAdapterConfig, got {type(config).__name__}.")
     if adapter_name in head_lowrank_adapter_names(model):
@@ -135,19 +154,21 @@ def add_head_lowrank_adapter(
     if modules is not None and set(chosen) != set(modules):
         missing = sorted(set(modules) - set(chosen))
         raise AdapterError(f"Attention modules {missing[:3]} ({len(missing)} in all) are not in this model.")
+    existing = _processors(model).values()
+    enabled = all(processor.enabled for processor in existing)  # a disabled model stays disabled
     branches = []
     for attn in chosen.values():
         processor = attn.processor
         if not isinstance(processor, HeadLowRankAttnProcessor):
             processor = HeadLowRankAttnProcessor(processor)
+            processor.enabled = enabled
         weight = attn.to_q.weight
         branch = HeadLowRankBranch(
             query_dim=attn.to_q.in_features,
             context_dim=attn.to_k.in_features,
             out_dim=attn.to_out[0].out_features,
             heads=attn.heads,
-            rank_per_head=config.rank_per_head,
-            alpha=config.alpha,
+            config=config,
             device=weight.device,
             dtype=weight.dtype,
         )
@@ -161,9 +182,6 @@ def add_head_lowrank_adapter(
         model.requires_grad_(False)
     for branch in branches:
         branch.requires_grad_(trainable)
-    if "_head_lowrank_configs" not in vars(model):
-        model._head_lowrank_configs = {}
-    model._head_lowrank_configs[adapter_name] = config
     return list(chosen)
 
 
@@ -183,6 +201,8 @@ def set_head_lowrank_adapters(
     weights = [float(w) for w in weights]
     if len(weights) != len(names) or not all(math.isfinite(w) for w in weights):
         raise AdapterError(f"Give one finite weight per adapter: {len(names)} names, weights {weights}.")
+    if len(set(names)) != len(names):
+        raise AdapterError(f"Each adapter may be named once, got {names}; its weight is its scale.")
     unknown = sorted(set(names) - set(head_lowrank_adapter_names(model)))
     if unknown:
         raise AdapterError(
@@ -206,6 +226,7 @@ def enable_head_lowrank_adapters(model: nn.Module) -> None:
 
 def remove_head_lowrank_adapter(model: nn.Module, adapter_name: str) -> None:
     """Delete ``adapter_name``; attentions left with no adapter get their original processor back."""
+    model = unwrap(model)
     adapter_config(model, adapter_name)  # raises for an unknown name
     for module in model.modules():
         processor = getattr(module, "processor", None)
@@ -216,7 +237,6 @@ def remove_head_lowrank_adapter(model: nn.Module, adapter_name: str) -> None:
         processor.active = [n for n in processor.active if n != adapter_name]
         if not len(processor.branches):
             module.set_processor(processor.base_processor)
-    del model._head_lowrank_configs[adapter_name]
 
 
 def fuse_head_lowrank_adapters(model: nn.Module) -> list[str]:
@@ -235,7 +255,7 @@ def fuse_head_lowrank_adapters(model: nn.Module) -> list[str]:
     save the adapter (:func:`save_head_lowrank_adapter`), not the fused model.
     """
     plan = []
-    for name, attn in model.named_modules():
+    for name, attn in unwrap(model).named_modules():
         processor = getattr(attn, "processor", None)
         if not isinstance(processor, HeadLowRankAttnProcessor):
             continue
@@ -255,9 +275,10 @@ def fuse_head_lowrank_adapters(model: nn.Module) -> list[str]:
             )
         wrapped = [p for p in (attn.to_q, attn.to_k, attn.to_v, attn.to_out[0]) if type(p) is not nn.Linear]
         if wrapped:
+            kind = f"{type(wrapped[0]).__module__}.{type(wrapped[0]).__qualname__}"
             raise AdapterError(
-                f"Cannot fuse into {name}: its projections are wrapped ({type(wrapped[0]).__name__}); fuse or "
-                "unload the LoRA first (fuse_lora() / unload_lora_weights())."
+                f"Cannot fuse into {name}: its projections are wrapped by another tool ({kind}). For a PEFT LoRA, "
+                "unload it first: pipe.unload_lora_weights(), after pipe.fuse_lora() to keep its effect merged."
             )
         if running:
             plan.append((name, attn, processor, running))
@@ -268,9 +289,6 @@ def fuse_head_lowrank_adapters(model: nn.Module) -> list[str]:
     for _, attn, processor, running in plan:
         _fuse_into(attn, processor, [(branch, factor) for _, branch, factor in running])
         attn.set_processor(processor.base_processor)
-    for _, _, _, running in plan:
-        for adapter_name, _, _ in running:
-            getattr(model, "_head_lowrank_configs", {}).pop(adapter_name, None)
     return [name for name, *_ in plan]
 
 
@@ -279,14 +297,17 @@ def _fuse_into(attn, processor: HeadLowRankAttnProcessor, running: list[tuple[He
     heads = attn.heads
     head_dim = attn.to_q.out_features // heads
     extra = sum(branch.rank_per_head for branch, _ in running)
-    width = head_dim + extra
+    width = padded_width(head_dim + extra)  # zero rows/columns up to a width the fused SDPA kernels take
+    padding = width - head_dim - extra
     query_factor = base_scale(attn, processor.base_processor, head_dim) * math.sqrt(width)
 
     def per_head(weight: torch.Tensor, rank: int) -> torch.Tensor:  # [heads·rank, in] → [heads, rank, in]
         return weight.reshape(heads, rank, *weight.shape[1:])
 
     def widened(linear: nn.Linear, parts: list[torch.Tensor], first_factor: float) -> nn.Linear:
-        rows = [per_head(linear.weight, head_dim) * first_factor, *(per_head(p, p.shape[0] // heads) for p in parts)]
+        parts = [*parts, linear.weight.new_zeros(heads * padding, linear.in_features)]
+        rows = [per_head(linear.weight, head_dim) * first_factor]
+        rows += [per_head(part.to(linear.weight.dtype), part.shape[0] // heads) for part in parts]
         new = nn.Linear(
             linear.in_features,
             heads * width,
@@ -305,7 +326,8 @@ def _fuse_into(attn, processor: HeadLowRankAttnProcessor, running: list[tuple[He
     to_k = widened(attn.to_k, [b.key_lowrank.weight for b, _ in running], 1.0)
     to_v = widened(attn.to_v, [b.value_lowrank.weight for b, _ in running], 1.0)
     out = attn.to_out[0]
-    columns = [out.weight.T, *(b.output_lowrank.weight.T * f for b, f in running)]  # each [heads·r, out]
+    columns = [out.weight.T, *(b.output_lowrank.weight.T.to(out.weight.dtype) * f for b, f in running)]
+    columns.append(out.weight.new_zeros(heads * padding, out.out_features))  # each [heads·r, out]
     stacked = torch.cat([per_head(c, c.shape[0] // heads) for c in columns], dim=1).reshape(heads * width, -1)
     to_out = nn.Linear(
         heads * width, out.out_features, bias=out.bias is not None, device=out.weight.device, dtype=out.weight.dtype

@@ -20,11 +20,26 @@ and show up in ``state_dict()`` (save them with :func:`save_head_lowrank_adapter
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .config import HeadLowRankAdapterConfig
+
+_SERIALS = itertools.count()  # creation order of branches: adapter names are listed in the order they were added
+
+ATTENTION_WIDTH_MULTIPLE = 8
+"""Head widths are zero-padded to a multiple of this: PyTorch's memory-efficient SDPA kernel needs it
+(flash attention too), and a 40-wide head plus 2 adapter columns would otherwise fall back to the math
+kernel, which materializes the whole attention matrix. Zero query/key columns add 0 to the logits and
+zero value columns are sliced off, so padding changes nothing else."""
+
+
+def padded_width(width: int) -> int:
+    return -(-width // ATTENTION_WIDTH_MULTIPLE) * ATTENTION_WIDTH_MULTIPLE
 
 
 class HeadLowRankBranch(nn.Module):
@@ -41,14 +56,15 @@ class HeadLowRankBranch(nn.Module):
         context_dim: int,
         out_dim: int,
         heads: int,
-        rank_per_head: int,
-        alpha: float,
+        config: HeadLowRankAdapterConfig,
         device: torch.device | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        self.heads, self.rank_per_head, self.alpha = heads, rank_per_head, alpha
-        width = heads * rank_per_head
+        self.config = config
+        self.heads, self.rank_per_head, self.alpha = heads, config.rank_per_head, config.alpha
+        self.serial = next(_SERIALS)
+        width = heads * self.rank_per_head
         factory = {"device": device, "dtype": dtype}
         # The names end in "_lowrank" so that PEFT target names ("to_q", "to_out.0", ...) never match them.
         self.query_lowrank = nn.Linear(query_dim, width, bias=False, **factory)
@@ -63,10 +79,18 @@ class HeadLowRankBranch(nn.Module):
         for zero_factor in (self.key_lowrank, self.output_lowrank):
             nn.init.zeros_(zero_factor.weight)
 
-    def to_heads(self, packed: torch.Tensor) -> torch.Tensor:
-        """``[batch, tokens, heads·r]`` → ``[batch, heads, tokens, r]``."""
+    def project(self, linear: nn.Linear, inputs: torch.Tensor) -> torch.Tensor:
+        """``linear(inputs)`` split into heads, ``[batch, heads, tokens, r]``, in the inputs' dtype.
+
+        The branch may be kept in another dtype than the model (float32 factors on a float16 UNet, as
+        diffusers' ``cast_training_params`` recipe does): inputs are cast to it and results cast back."""
+        packed = linear(inputs.to(linear.weight.dtype)).to(inputs.dtype)
         batch, tokens, _ = packed.shape
         return packed.view(batch, tokens, self.heads, self.rank_per_head).transpose(1, 2)
+
+    def output(self, columns: torch.Tensor) -> torch.Tensor:
+        """``O′`` applied to the merged ``[batch, tokens, heads·r]`` attention outputs, in their dtype."""
+        return self.output_lowrank(columns.to(self.output_lowrank.weight.dtype)).to(columns.dtype)
 
     def extra_repr(self) -> str:
         return f"heads={self.heads}, rank_per_head={self.rank_per_head}, alpha={self.alpha}"
@@ -152,9 +176,13 @@ class HeadLowRankAttnProcessor(nn.Module):
 
         queries, keys, values = [query], [key], [value]
         for _, branch, factor in running:
-            queries.append(branch.to_heads(branch.query_lowrank(hidden_states)) * factor)
-            keys.append(branch.to_heads(branch.key_lowrank(encoder_hidden_states)))
-            values.append(branch.to_heads(branch.value_lowrank(encoder_hidden_states)))
+            queries.append(branch.project(branch.query_lowrank, hidden_states) * factor)
+            keys.append(branch.project(branch.key_lowrank, encoder_hidden_states))
+            values.append(branch.project(branch.value_lowrank, encoder_hidden_states))
+        joined_width = head_dim + sum(branch.rank_per_head for _, branch, _ in running)
+        if padded_width(joined_width) != joined_width:
+            for columns in (queries, keys, values):
+                columns.append(columns[0].new_zeros(*columns[0].shape[:3], padded_width(joined_width) - joined_width))
         attended = F.scaled_dot_product_attention(
             torch.cat(queries, dim=-1),
             torch.cat(keys, dim=-1),
@@ -172,7 +200,7 @@ class HeadLowRankAttnProcessor(nn.Module):
         start = head_dim
         for _, branch, factor in running:
             columns = attended[..., start : start + branch.rank_per_head]
-            hidden_states = hidden_states + branch.output_lowrank(merge_heads(columns).to(query.dtype)) * factor
+            hidden_states = hidden_states + branch.output(merge_heads(columns).to(query.dtype)) * factor
             start += branch.rank_per_head
         hidden_states = attn.to_out[1](hidden_states)
 

@@ -4,11 +4,14 @@ The JSON records, beside the adapter config, the shape of every attention the ad
 (heads, head width, query/context/output widths), so loading onto a different base model fails with
 the module and the mismatch named instead of producing garbage or a bare shape error. Both files are
 written under temporary names and moved into place, so an interrupted save leaves no half-written
-adapter; other files in the folder (a LoRA saved beside it) are left alone.
+file; the JSON carries the SHA-256 of the weights it belongs with, so a save interrupted between the
+two moves (new weights, old config) is detected on load. Other files in the folder (a LoRA saved
+beside it) are left alone.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -21,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .config import AdapterError, HeadLowRankAdapterConfig
-from .model import adapter_config, add_head_lowrank_adapter, attention_modules
+from .model import adapter_config, add_head_lowrank_adapter, attention_modules, check_adapter_name, unwrap
 from .processor import HeadLowRankAttnProcessor
 
 WEIGHTS_NAME = "head_lowrank_adapter.safetensors"
@@ -52,6 +55,7 @@ def _branch_shapes(shape: dict[str, int], rank_per_head: int) -> dict[str, tuple
 
 def save_head_lowrank_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: str = "default") -> Path:
     """Write ``adapter_name``'s weights (``head_lowrank_adapter.safetensors``) and config into ``directory``."""
+    model = unwrap(model)
     config = adapter_config(model, adapter_name)
     tensors: dict[str, torch.Tensor] = {}
     modules: dict[str, dict[str, int]] = {}
@@ -69,12 +73,17 @@ def save_head_lowrank_adapter(model: nn.Module, directory: str | os.PathLike, ad
         "dtype": str(next(iter(tensors.values())).dtype).removeprefix("torch."),
         "modules": modules,
     }
+
+    def write_weights(path: Path) -> None:
+        save_file(tensors, str(path), metadata={"format": "pt"})
+        document["weights_sha256"] = _sha256(path)
+
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     staged = []
     try:
         for final, write in (
-            (WEIGHTS_NAME, lambda path: save_file(tensors, str(path), metadata={"format": "pt"})),
+            (WEIGHTS_NAME, write_weights),
             (CONFIG_NAME, lambda path: path.write_text(json.dumps(document, indent=2) + "\n")),
         ):
             handle, temporary = tempfile.mkstemp(prefix=f".{final}-", dir=directory)
@@ -92,6 +101,44 @@ def save_head_lowrank_adapter(model: nn.Module, directory: str | os.PathLike, ad
     return directory
 
 
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _check_document(document: Any, path: Path) -> None:
+    """The config's structure, so that a damaged or hand-edited file fails with its name, not a KeyError."""
+
+    def damaged(what: str) -> AdapterError:
+        return AdapterError(f"{path}: {what}; the adapter config is damaged (save it again).")
+
+    if not isinstance(document, dict) or document.get("format") != FORMAT:
+        raise AdapterError(f"{path} is not a head low-rank adapter config (no format {FORMAT!r}).")
+    version = document.get("format_version")
+    if not isinstance(version, int):
+        raise damaged(f"format_version is {version!r}, not an integer")
+    if version > FORMAT_VERSION:
+        raise AdapterError(
+            f"{path} has format version {version}; this hf_vitcompress reads up to {FORMAT_VERSION}. Upgrade hf_vitcompress."
+        )
+    if not isinstance(document.get("adapter_name"), str) or not isinstance(document.get("config"), dict):
+        raise damaged("adapter_name (a string) or config (an object) is missing")
+    modules = document.get("modules")
+    keys = {"heads", "head_dim", "query_dim", "context_dim", "out_dim"}
+    if not isinstance(modules, dict) or not modules:
+        raise damaged("modules (attention name → shape) is missing or empty")
+    for name, shape in modules.items():
+        if (
+            not isinstance(shape, dict)
+            or set(shape) != keys
+            or not all(isinstance(v, int) and v > 0 for v in shape.values())
+        ):
+            raise damaged(f"the shape of {name} is {shape!r}, not positive integers {sorted(keys)}")
+
+
 def _read(directory: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
     missing = [p.name for p in (config_path, weights_path) if not p.is_file()]
@@ -104,17 +151,16 @@ def _read(directory: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         document = json.loads(config_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise AdapterError(f"{config_path} is not valid JSON ({error}); the adapter folder is damaged.") from error
-    if not isinstance(document, dict) or document.get("format") != FORMAT:
-        raise AdapterError(f"{config_path} is not a head low-rank adapter config (no format {FORMAT!r}).")
-    if document.get("format_version", 0) > FORMAT_VERSION:
-        raise AdapterError(
-            f"{config_path} has format version {document['format_version']}; this hf_vitcompress reads up to "
-            f"{FORMAT_VERSION}. Upgrade hf_vitcompress."
-        )
+    _check_document(document, config_path)
     try:
         tensors = load_file(str(weights_path))
     except (SafetensorError, OSError) as error:
         raise AdapterError(f"{weights_path} cannot be read as safetensors ({error}); the file is damaged.") from error
+    if "weights_sha256" in document and document["weights_sha256"] != _sha256(weights_path):
+        raise AdapterError(
+            f"{weights_path} is not the weights file {config_path.name} was saved with (its SHA-256 differs): an "
+            "interrupted save, a damaged file, or files copied from different adapters. Save the adapter again."
+        )
     return document, tensors
 
 
@@ -132,10 +178,12 @@ def load_head_lowrank_adapter(
     ``trainable=False`` (the default, for inference) leaves every ``requires_grad`` as it was except the
     adapter's own, which is off; ``True`` continues training as :func:`add_head_lowrank_adapter` does.
     """
+    model = unwrap(model)
     directory = Path(directory)
     document, tensors = _read(directory)
     config = HeadLowRankAdapterConfig.from_dict(document["config"])
-    adapter_name = adapter_name or document["adapter_name"]
+    adapter_name = document["adapter_name"] if adapter_name is None else adapter_name
+    check_adapter_name(adapter_name)
     saved_modules: dict[str, dict[str, int]] = document["modules"]
     try:
         present = attention_modules(model, saved_modules, exact=True)
@@ -158,10 +206,16 @@ def load_head_lowrank_adapter(
             )
         for key, shape in _branch_shapes(saved, config.rank_per_head).items():
             tensor = tensors.get(f"{name}.{key}")
-            if tensor is None or tuple(tensor.shape) != shape:
-                found = "missing" if tensor is None else tuple(tensor.shape)
+            if tensor is None or tuple(tensor.shape) != shape or not tensor.is_floating_point():
+                found = "missing" if tensor is None else f"{tuple(tensor.shape)} {tensor.dtype}"
                 raise AdapterError(
-                    f"{directory / WEIGHTS_NAME}: {name}.{key} should be {shape}, is {found}; the file is damaged."
+                    f"{directory / WEIGHTS_NAME}: {name}.{key} should be {shape} floating point, is {found}; the file "
+                    "is damaged."
+                )
+            if not torch.isfinite(tensor).all():
+                raise AdapterError(
+                    f"{directory / WEIGHTS_NAME}: {name}.{key} holds NaN or infinite values; the adapter diverged in "
+                    "training or the file is damaged."
                 )
     extra = sorted(set(tensors) - {f"{m}.{k}" for m in saved_modules for k in _branch_shapes(saved_modules[m], 1)})
     if extra:

@@ -72,6 +72,16 @@ def prompt_ids(pipe, prompt: str) -> torch.Tensor:
     ).input_ids
 
 
+def training_scheduler(pipe):
+    """A DDPM scheduler with the pipeline's noise schedule, for training.
+
+    The pipeline's own scheduler may be an inference sampler (Euler, DPM-Solver) whose ``add_noise``
+    works in sigmas at its inference timesteps; diffusers' training scripts noise with DDPM too."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler.from_config(pipe.scheduler.config)
+
+
 def _target(scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
     kind = scheduler.config.prediction_type
     if kind == "epsilon":
@@ -81,10 +91,11 @@ def _target(scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: to
     raise ValueError(f"Unsupported prediction_type {kind!r} (epsilon or v_prediction).")
 
 
-def denoising_loss(pipe, latents, context, noise, timesteps) -> torch.Tensor:
-    noisy = pipe.scheduler.add_noise(latents, noise, timesteps)
-    prediction = pipe.unet(noisy, timesteps, context).sample
-    return F.mse_loss(prediction.float(), _target(pipe.scheduler, latents, noise, timesteps).float())
+def denoising_loss(unet, scheduler, latents, context, noise, timesteps) -> torch.Tensor:
+    """MSE between ``unet``'s prediction for the noised latents and the noise (or velocity) it should predict."""
+    noisy = scheduler.add_noise(latents, noise, timesteps)
+    prediction = unet(noisy, timesteps, context).sample
+    return F.mse_loss(prediction.float(), _target(scheduler, latents, noise, timesteps).float())
 
 
 @torch.no_grad()
@@ -113,12 +124,15 @@ class FixedDenoisingSet:
 
     @torch.no_grad()
     def loss(self, pipe, context: torch.Tensor) -> float:
+        scheduler = training_scheduler(pipe)
         losses = []
         for start in range(0, len(self.latents), 8):
             part = slice(start, start + 8)
             batch_context = context.expand(len(self.latents[part]), -1, -1)
             losses.append(
-                denoising_loss(pipe, self.latents[part], batch_context, self.noise[part], self.timesteps[part])
+                denoising_loss(
+                    pipe.unet, scheduler, self.latents[part], batch_context, self.noise[part], self.timesteps[part]
+                )
             )
         return float(torch.stack(losses).mean())
 
@@ -162,6 +176,7 @@ def train_customization(
         trainable.append(embeddings)
     optimizer = torch.optim.AdamW(trainable, lr=learning_rate, weight_decay=0.0)
     generator = torch.Generator().manual_seed(seed)
+    scheduler = training_scheduler(pipe)
     record, times = TrainingRecord(), []
     fixed_context = None
     if placeholder_token_id is None:  # the text encoder is frozen: encode the prompt once
@@ -178,12 +193,12 @@ def train_customization(
             context = (fixed_context if fixed_context is not None else pipe.text_encoder(ids)[0]).expand(
                 batch_size, -1, -1
             )
-            loss = denoising_loss(pipe, batch, context, noise, timesteps.to(batch.device))
+            loss = denoising_loss(pipe.unet, scheduler, batch, context, noise, timesteps.to(batch.device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            record.losses.append(loss.item())  # waits for the device: the step time below is the real one
             times.append(time.perf_counter() - start)
-            record.losses.append(loss.item())
             if log_every and (step + 1) % log_every == 0:
                 recent = record.losses[-log_every:]
                 print(f"step {step + 1}/{steps}: loss {sum(recent) / len(recent):.4f}")
