@@ -451,6 +451,7 @@ def test_names_keep_their_order_duplicates_are_refused_and_a_disabled_model_stay
     assert torch.equal(_unet_out(unet, inputs), before)  # the new attn1 processors joined the disabled state
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")  # torch.compile's own
 def test_compiled_models_use_the_plain_module_names(tmp_path):
     unet = tiny_unet()
     compiled = torch.compile(unet)  # never run: only its module names matter here
@@ -526,3 +527,33 @@ def test_pipeline_load_lora_weights_beside_a_loaded_head_adapter(tmp_path):
     pipe.set_adapters(["style"], [0.0])  # both switched off, each through its own API: the base UNet again
     set_head_lowrank_adapters(pipe.unet, [])
     torch.testing.assert_close(_unet_out(pipe.unet, inputs), _unet_out(tiny_pipeline(seed=0).unet.eval(), inputs))
+
+
+def test_the_adapter_keeps_its_own_config_and_a_saved_config_must_be_complete(tmp_path):
+    config = HeadLowRankAdapterConfig(alpha=2.0)
+    unet = tiny_unet()
+    add_head_lowrank_adapter(unet, config)
+    config.alpha = 5.0  # the caller's object changes; the adapter computes and saves with 2.0
+    save_head_lowrank_adapter(unet, tmp_path)
+    document = json.loads((tmp_path / CONFIG_NAME).read_text())
+    assert document["config"]["alpha"] == 2.0
+    del document["config"]["alpha"]
+    (tmp_path / CONFIG_NAME).write_text(json.dumps(document))
+    with pytest.raises(AdapterError, match=r"lacks \['alpha'\]"):
+        load_head_lowrank_adapter(tiny_unet(), tmp_path)
+    document["config"].update(alpha=2.0, targets=5)
+    (tmp_path / CONFIG_NAME).write_text(json.dumps(document))
+    with pytest.raises(AdapterError, match="targets must be a non-empty list"):
+        load_head_lowrank_adapter(tiny_unet(), tmp_path)
+
+
+def test_adding_under_ddp_is_refused(tmp_path):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        wrapped = nn.parallel.DistributedDataParallel(OneAttention())
+        with pytest.raises(AdapterError, match="before wrapping the model in DistributedDataParallel"):
+            add_head_lowrank_adapter(wrapped, HeadLowRankAdapterConfig(targets=("attn2",)))
+    finally:
+        dist.destroy_process_group()

@@ -39,10 +39,15 @@ class HeadLowRankAdapterConfig:
     def __post_init__(self) -> None:
         if isinstance(self.targets, str):
             self.targets = (self.targets,)
-        self.targets = tuple(self.targets)
         if isinstance(self.rank_per_head, bool) or not isinstance(self.rank_per_head, int) or self.rank_per_head < 1:
             raise AdapterError(f"rank_per_head must be an integer >= 1, got {self.rank_per_head!r}.")
-        if not self.targets or not all(isinstance(t, str) and t.strip(". ") for t in self.targets):
+        if isinstance(self.targets, (list, tuple)):
+            self.targets = tuple(self.targets)
+        if (
+            not isinstance(self.targets, tuple)
+            or not self.targets
+            or not all(isinstance(t, str) and t.strip(". ") for t in self.targets)
+        ):
             raise AdapterError(
                 f"targets must be a non-empty list of module names (e.g. ('attn1', 'attn2')), got {self.targets!r}."
             )
@@ -58,7 +63,9 @@ class HeadLowRankAdapterConfig:
         return data
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> HeadLowRankAdapterConfig:
+    def from_dict(cls, data: dict[str, Any], *, complete: bool = False) -> HeadLowRankAdapterConfig:
+        """Rebuild from :meth:`to_dict`. ``complete=True`` (loading a saved adapter) requires every field:
+        a default filled in for a missing ``alpha`` would silently change what the weights compute."""
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -66,4 +73,10 @@ class HeadLowRankAdapterConfig:
                 f"Unknown HeadLowRankAdapterConfig fields {unknown} (known: {sorted(known)}); the adapter was probably "
                 "saved by a newer hf_vitcompress: upgrade it."
             )
-        return cls(**data)
+        missing = sorted(known - set(data))
+        if complete and missing:
+            raise AdapterError(f"The adapter config lacks {missing}; it is damaged (save the adapter again).")
+        try:
+            return cls(**data)
+        except TypeError as error:
+            raise AdapterError(f"The adapter config {data!r} is not valid ({error}).") from error

@@ -8,6 +8,7 @@ untouched, so a LoRA on ``to_q``/``to_k``/``to_v``/``to_out.0`` can be active at
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterable, Sequence
 
@@ -77,6 +78,15 @@ def attention_modules(model: nn.Module, targets: Iterable[str], *, exact: bool =
     return chosen
 
 
+def refuse_distributed_wrapper(model: nn.Module) -> None:
+    """Adding parameters under DDP would leave them out of its gradient synchronization, silently."""
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        raise AdapterError(
+            "Add or load the adapter before wrapping the model in DistributedDataParallel (or accelerator.prepare): "
+            "DDP only synchronizes the gradients of parameters that existed when it was built."
+        )
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """The model itself under ``torch.compile`` / DDP wrappers, so module names never carry their prefixes."""
     while True:
@@ -113,7 +123,7 @@ def adapter_config(model: nn.Module, adapter_name: str) -> HeadLowRankAdapterCon
     """The config ``adapter_name`` was added with."""
     for processor in _processors(model).values():
         if adapter_name in processor.branches:
-            return processor.branches[adapter_name].config
+            return dataclasses.replace(processor.branches[adapter_name].config)
     raise AdapterError(
         f"No head low-rank adapter named {adapter_name!r} on this model; it has {head_lowrank_adapter_names(model)}. "
         "(Diffusers calls that replace attention processors, such as set_attn_processor or enable_attention_slicing, "
@@ -141,10 +151,12 @@ def add_head_lowrank_adapter(
     leaves this adapter's trainable. The new adapter is made active beside any already active ones.
     ``modules`` pins the exact attention names (used when loading a saved adapter).
     """
+    refuse_distributed_wrapper(model)
     model = unwrap(model)
     check_adapter_name(adapter_name)
     if not isinstance(config, HeadLowRankAdapterConfig):
         raise AdapterError(f"config must be a HeadLowRankAdapterConfig, got {type(config).__name__}.")
+    config = dataclasses.replace(config)  # the adapter's own copy: later edits of the caller's do not reach it
     if adapter_name in head_lowrank_adapter_names(model):
         raise AdapterError(
             f"An adapter named {adapter_name!r} is already on this model; remove_head_lowrank_adapter() it first "
@@ -240,7 +252,9 @@ def remove_head_lowrank_adapter(model: nn.Module, adapter_name: str) -> None:
 
 
 def fuse_head_lowrank_adapters(model: nn.Module) -> list[str]:
-    """Fold the active adapters into their attentions for inference: each head becomes ``d_h + Σ r`` wide.
+    """Fold the active adapters into their attentions for inference: each head becomes ``d_h + Σ r`` wide
+    (zero-padded to a multiple of 8, see :data:`~hf_vitcompress.adapters.processor.ATTENTION_WIDTH_MULTIPLE`,
+    so the fused model holds the adapters' weights plus those zeros).
 
     ``[Q_h | s·α²·Q′_h]·[K_h | K′_h]ᵀ`` and ``A_h·[V_h | V′_h]`` followed by ``[W_O,h | s·α²·O′_h]`` are
     exactly the adapted attention, so wider ``to_q``/``to_k``/``to_v``/``to_out.0`` give the same

@@ -8,9 +8,8 @@ softmax with the frozen ones:
 
 Both sums are concatenations in disguise: ``[Q_h | s·α²·Q′_h] · [K_h | K′_h]ᵀ`` is the first, and
 ``A_h · [V_h | V′_h]`` yields ``A_h V_h`` and ``A_h V′_h`` side by side. So one scaled-dot-product
-attention call over heads of width ``d_h + r`` (with the original scale ``d_h^{-1/2}`` passed
-explicitly) computes everything, on the same fused SDPA kernels as the model itself; several
-adapters just add more columns.
+attention call over heads of width ``d_h + r`` (zero-padded to a multiple of 8, with the original
+scale ``d_h^{-1/2}`` passed explicitly) computes everything; several adapters just add more columns.
 
 The processor is an ``nn.Module`` (as diffusers' IP-Adapter processors are): ``Attention.set_processor``
 registers it, so its parameters move with ``.to()``, reach the optimizer through ``unet.parameters()``

@@ -24,7 +24,14 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .config import AdapterError, HeadLowRankAdapterConfig
-from .model import adapter_config, add_head_lowrank_adapter, attention_modules, check_adapter_name, unwrap
+from .model import (
+    adapter_config,
+    add_head_lowrank_adapter,
+    attention_modules,
+    check_adapter_name,
+    refuse_distributed_wrapper,
+    unwrap,
+)
 from .processor import HeadLowRankAttnProcessor
 
 WEIGHTS_NAME = "head_lowrank_adapter.safetensors"
@@ -126,6 +133,8 @@ def _check_document(document: Any, path: Path) -> None:
         )
     if not isinstance(document.get("adapter_name"), str) or not isinstance(document.get("config"), dict):
         raise damaged("adapter_name (a string) or config (an object) is missing")
+    if not isinstance(document.get("weights_sha256"), str):
+        raise damaged("weights_sha256 (the weights file's checksum) is missing")
     modules = document.get("modules")
     keys = {"heads", "head_dim", "query_dim", "context_dim", "out_dim"}
     if not isinstance(modules, dict) or not modules:
@@ -134,7 +143,7 @@ def _check_document(document: Any, path: Path) -> None:
         if (
             not isinstance(shape, dict)
             or set(shape) != keys
-            or not all(isinstance(v, int) and v > 0 for v in shape.values())
+            or not all(type(v) is int and v > 0 for v in shape.values())
         ):
             raise damaged(f"the shape of {name} is {shape!r}, not positive integers {sorted(keys)}")
 
@@ -156,7 +165,7 @@ def _read(directory: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         tensors = load_file(str(weights_path))
     except (SafetensorError, OSError) as error:
         raise AdapterError(f"{weights_path} cannot be read as safetensors ({error}); the file is damaged.") from error
-    if "weights_sha256" in document and document["weights_sha256"] != _sha256(weights_path):
+    if document["weights_sha256"] != _sha256(weights_path):
         raise AdapterError(
             f"{weights_path} is not the weights file {config_path.name} was saved with (its SHA-256 differs): an "
             "interrupted save, a damaged file, or files copied from different adapters. Save the adapter again."
@@ -178,10 +187,11 @@ def load_head_lowrank_adapter(
     ``trainable=False`` (the default, for inference) leaves every ``requires_grad`` as it was except the
     adapter's own, which is off; ``True`` continues training as :func:`add_head_lowrank_adapter` does.
     """
+    refuse_distributed_wrapper(model)
     model = unwrap(model)
     directory = Path(directory)
     document, tensors = _read(directory)
-    config = HeadLowRankAdapterConfig.from_dict(document["config"])
+    config = HeadLowRankAdapterConfig.from_dict(document["config"], complete=True)
     adapter_name = document["adapter_name"] if adapter_name is None else adapter_name
     check_adapter_name(adapter_name)
     saved_modules: dict[str, dict[str, int]] = document["modules"]
