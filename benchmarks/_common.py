@@ -29,6 +29,18 @@ def short_distillation_arguments(output_dir: str, steps: int):
     )
 
 
+def resident_memory_mb() -> float:
+    """This process's resident memory now (Linux ``VmRSS``), in MiB; NaN where /proc is missing."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
 def update_results_file(name: str, section: str, path: Path = HERE / "RESULTS.md") -> None:
     """Replace the ``name`` section of RESULTS.md (between its markers), keeping the other benchmarks' sections."""
     marker_start, marker_end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"

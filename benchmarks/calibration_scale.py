@@ -22,15 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from _common import HERE, update_results_file
-
-
-def _rss_mb() -> float:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+from _common import HERE, resident_memory_mb, update_results_file
 
 
 def worker(count: int, image_size: int, batch_size: int) -> dict:
@@ -62,7 +54,7 @@ def worker(count: int, image_size: int, batch_size: int) -> dict:
 
     # one more than given, so the calibration pass asks for a batch after the last and the generator sees its end
     compression = CompressionConfig(target_param_ratio=0.5, compensation_rank=0, calibration_samples=count + 1)
-    before = _rss_mb()
+    before = resident_memory_mb()
     start = time.perf_counter()
     compressed = compress(model, compression, batches(), progress=False)
     seconds = time.perf_counter() - start

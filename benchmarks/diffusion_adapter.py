@@ -31,18 +31,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-from _common import HERE, update_results_file
+from _common import HERE, resident_memory_mb, update_results_file
 
 METHODS = ("head low-rank", "LoRA, same rank", "LoRA, same parameters", "LoRA, same total width")
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
-
-
-def _rss_mb() -> float:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def _setup(seed: int):
@@ -112,7 +104,7 @@ def worker(method: str, lora_rank: int, steps: int, learning_rates: list[float],
         context = pipe.text_encoder(prompt_ids(pipe, prompt))[0]
     initial = pristine = None
     runs = []
-    before = _rss_mb()
+    before = resident_memory_mb()
     for learning_rate in learning_rates:
         if pristine is None:
             pristine = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
