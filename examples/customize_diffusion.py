@@ -8,7 +8,11 @@ A few images of the concept and a prompt with a placeholder token (``<v>``) are 
 frozen; a rank-``r``-per-head branch is trained in every self- and cross-attention (COMCAT: rank 2,
 lr 2.5e-3, 500 steps, batch 1), together with the placeholder's token embedding. The output folder
 holds the adapter (``head_lowrank_adapter.safetensors`` + its JSON config), the token embedding
-(``placeholder_token.safetensors``) and a few generated samples.
+(``placeholder_token.safetensors``) and a few generated samples. To use them on the same base model::
+
+    load_head_lowrank_adapter(pipe.unet, "customized/")
+    load_placeholder_token(pipe, "customized/")   # from hf_vitcompress.adapters.training
+    pipe("a photo of <v> sneaker on the beach")
 
 Without ``--pretrained`` (no Hub here) the pipeline is a tiny Stable-Diffusion-shaped one with random
 weights and the concept is the Fashion-MNIST sneakers shipped with hf_vitcompress: every code path is the
@@ -31,6 +35,7 @@ from hf_vitcompress.adapters.training import (
     add_placeholder_token,
     encode_images,
     load_concept_images,
+    save_placeholder_token,
     train_customization,
 )
 
@@ -117,10 +122,7 @@ def main() -> None:
     output = Path(args.output)
     save_head_lowrank_adapter(pipe.unet, output, "concept")
     if not args.no_train_token:
-        from safetensors.torch import save_file
-
-        embedding = pipe.text_encoder.get_input_embeddings().weight[token_id].detach().cpu().clone()
-        save_file({args.placeholder_token: embedding}, str(output / "placeholder_token.safetensors"))
+        save_placeholder_token(pipe, args.placeholder_token, output)
     generator = torch.Generator(args.device).manual_seed(args.seed)
     with torch.no_grad():
         samples = pipe(

@@ -321,10 +321,8 @@ def test_the_example_trains_saves_and_the_adapter_reloads(tmp_path, monkeypatch)
     import sys
     from pathlib import Path
 
-    from safetensors.torch import load_file
-
     from hf_vitcompress.adapters.tiny import tiny_pipeline
-    from hf_vitcompress.adapters.training import add_placeholder_token, prompt_ids
+    from hf_vitcompress.adapters.training import load_placeholder_token, prompt_ids
 
     path = Path(__file__).resolve().parents[1] / "examples" / "customize_diffusion.py"
     spec = importlib.util.spec_from_file_location("customize_diffusion", path)
@@ -352,13 +350,10 @@ def test_the_example_trains_saves_and_the_adapter_reloads(tmp_path, monkeypatch)
     }
 
     pipe = tiny_pipeline(seed=0)  # the example's base pipeline, rebuilt
-    token_id = add_placeholder_token(pipe, "<v>")
-    with torch.no_grad():
-        pipe.text_encoder.get_input_embeddings().weight[token_id] = load_file(output / "placeholder_token.safetensors")[
-            "<v>"
-        ]
-    untrained_row = pipe.text_encoder.get_input_embeddings().weight[pipe.tokenizer.convert_tokens_to_ids("sneaker")]
-    assert not torch.equal(pipe.text_encoder.get_input_embeddings().weight[token_id], untrained_row)  # it trained
+    assert load_placeholder_token(pipe, output) == "<v>"
+    embeddings = pipe.text_encoder.get_input_embeddings().weight
+    untrained_row = embeddings[pipe.tokenizer.convert_tokens_to_ids("sneaker")]
+    assert not torch.equal(embeddings[pipe.tokenizer.convert_tokens_to_ids("<v>")], untrained_row)  # it trained
     load_head_lowrank_adapter(pipe.unet, output)
     branch = pipe.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn2.processor.branches["concept"]
     assert branch.key_lowrank.weight.abs().sum() > 0  # trained away from its zero start

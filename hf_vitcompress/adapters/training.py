@@ -65,6 +65,41 @@ def add_placeholder_token(pipe, token: str, initializer: str | None = None) -> i
     return token_id
 
 
+PLACEHOLDER_NAME = "placeholder_token.safetensors"
+
+
+def save_placeholder_token(pipe, token: str, directory: str | Path) -> Path:
+    """Write ``token``'s trained embedding (``{token: vector}``) beside the adapter in ``directory``."""
+    from safetensors.torch import save_file
+
+    token_id = pipe.tokenizer.convert_tokens_to_ids(token)
+    if token_id is None or token_id == pipe.tokenizer.unk_token_id:
+        raise ValueError(f"The tokenizer has no token {token!r} to save.")
+    path = Path(directory) / PLACEHOLDER_NAME
+    embedding = pipe.text_encoder.get_input_embeddings().weight[token_id].detach().cpu().clone()
+    save_file({token: embedding}, str(path))
+    return path
+
+
+def load_placeholder_token(pipe, directory: str | Path) -> str:
+    """Add the token saved by :func:`save_placeholder_token` to ``pipe`` with its embedding; returns it."""
+    from safetensors.torch import load_file
+
+    saved = load_file(str(Path(directory) / PLACEHOLDER_NAME))
+    if len(saved) != 1:
+        raise ValueError(f"{Path(directory) / PLACEHOLDER_NAME} should hold one token embedding, holds {len(saved)}.")
+    ((token, embedding),) = saved.items()
+    embeddings = pipe.text_encoder.get_input_embeddings().weight
+    if embedding.shape != embeddings.shape[1:]:
+        raise ValueError(
+            f"The saved embedding of {token!r} is {tuple(embedding.shape)}; this text encoder's are {tuple(embeddings.shape[1:])}."
+        )
+    token_id = add_placeholder_token(pipe, token)
+    with torch.no_grad():
+        pipe.text_encoder.get_input_embeddings().weight[token_id] = embedding.to(embeddings)
+    return token
+
+
 def prompt_ids(pipe, prompt: str) -> torch.Tensor:
     tokenizer = pipe.tokenizer
     return tokenizer(
