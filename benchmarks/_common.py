@@ -29,6 +29,25 @@ def short_distillation_arguments(output_dir: str, steps: int):
     )
 
 
+def vit_b(image_size: int = 224, num_labels: int = 1000):
+    """A ViT-B-shaped ``ViTForImageClassification`` (768 wide, 12 blocks, MLP 3072, patch 16), random init
+    seeded with 0, in eval mode: the shape the speed and scale benchmarks measure."""
+    import torch
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(0)
+    config = ViTConfig(
+        hidden_size=768,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        intermediate_size=3072,
+        image_size=image_size,
+        patch_size=16,
+        num_labels=num_labels,
+    )
+    return ViTForImageClassification(config).eval()
+
+
 def resident_memory_mb() -> float:
     """This process's resident memory now (Linux ``VmRSS``), in MiB; NaN where /proc is missing."""
     try:

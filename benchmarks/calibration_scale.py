@@ -22,26 +22,15 @@ import sys
 import time
 from pathlib import Path
 
-from _common import HERE, resident_memory_mb, update_results_file
+from _common import HERE, resident_memory_mb, update_results_file, vit_b
 
 
 def worker(count: int, image_size: int, batch_size: int) -> dict:
     import torch
-    from transformers import ViTConfig, ViTForImageClassification
 
     from hf_vitcompress import CompressionConfig, compress
 
-    torch.manual_seed(0)
-    config = ViTConfig(
-        hidden_size=768,
-        num_hidden_layers=12,
-        num_attention_heads=12,
-        intermediate_size=3072,
-        image_size=image_size,
-        patch_size=16,
-        num_labels=1000,
-    )
-    model = ViTForImageClassification(config).eval()
+    model = vit_b(image_size)
     generator = torch.Generator().manual_seed(1)
 
     pass_time = {}

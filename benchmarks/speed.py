@@ -21,9 +21,8 @@ import time
 from pathlib import Path
 
 import torch
-from _common import HERE, update_results_file
+from _common import HERE, update_results_file, vit_b
 from torch import nn
-from transformers import ViTConfig, ViTForImageClassification
 
 from hf_vitcompress import CompressionConfig, compress, tune
 from hf_vitcompress.evaluation import count_macs
@@ -111,20 +110,6 @@ def per_layer(device: torch.device, dtype: torch.dtype, repeats: int, fused: boo
                     flush=True,
                 )
     return rows
-
-
-def vit_b(num_labels: int = 1000) -> ViTForImageClassification:
-    torch.manual_seed(0)
-    config = ViTConfig(
-        hidden_size=768,
-        num_hidden_layers=12,
-        num_attention_heads=12,
-        intermediate_size=3072,
-        image_size=224,
-        patch_size=16,
-        num_labels=num_labels,
-    )
-    return ViTForImageClassification(config).eval()
 
 
 @torch.no_grad()
