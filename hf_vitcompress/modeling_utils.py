@@ -7,16 +7,36 @@ Each family file defines a config subclass with its own ``model_type`` and gets 
 
 from __future__ import annotations
 
+import functools
+import inspect
 import os
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from transformers import AutoConfig, AutoModel, AutoModelForImageClassification
+from torch import nn
+from transformers import AutoConfig, AutoModel, AutoModelForImageClassification, PreTrainedModel
+from transformers.utils import output_capturing
 
+from .attention import HeadFactorizedAttention
 from .evaluation import EvaluationReport
-from .plan import CompressionPlan, PlanMismatchError, apply_plan_structure
+from .layers import SkippedBlock
+from .plan import CompressionPlan, PlanMismatchError, apply_plan_structure, count_parameters, rekey_plan
 
 LOADER_SHIM_NAME = "vitcompress_loader"
+
+# What transformers raises (after logging its load report) when weights have the wrong shape and the caller did not
+# pass ``ignore_mismatched_sizes=True`` (transformers/utils/loading_report.py, 5.x). Raised for weights outside the
+# plan, so that code written against transformers (``except RuntimeError``, fine-tuning recipes) behaves the same.
+MISMATCHED_SIZES_MESSAGE = (
+    "You set `ignore_mismatched_sizes` to `False`, thus raising an error. For details look at the above report!"
+)
+
+# transformers 5.x spells it this way; accept the corrected spelling should a release fix it.
+_install_output_hook = (
+    getattr(output_capturing, "install_output_capuring_hook", None) or output_capturing.install_output_capturing_hook
+)
 
 _SHIM_TEMPLATE = '''"""Loader shim written by hf_vitcompress.
 
@@ -41,7 +61,7 @@ class CompressedConfigMixin:
     ``_auto_classes`` is filled by :func:`register_family_classes` once the model classes exist.
     """
 
-    _auto_classes: dict[str, type] = {}
+    _auto_classes: dict[str, type | tuple[type, ...]] = {}
 
     @classmethod
     def default_auto_map(cls) -> dict[str, str]:
@@ -61,7 +81,35 @@ class CompressedModelMixin:
     def __init__(self, config, *args: Any, **kwargs: Any) -> None:
         super().__init__(config, *args, **kwargs)
         if getattr(config, "compression_plan", None):
-            apply_plan_structure(self, CompressionPlan.from_dict(config.compression_plan))
+            self._build_planned_modules(config)
+        install_output_recorders(self)
+
+    def _build_planned_modules(self, config) -> None:
+        """Swap in the planned modules, named as this model names them, and initialize them as transformers would.
+
+        The plan is re-keyed first (see :func:`~hf_vitcompress.plan.rekey_plan`): a classifier's plan says
+        ``vit.layers.0...``, its backbone loaded alone says ``layers.0...``. ``config.compression_plan`` is
+        rewritten to match, since tuning, model cards and evaluation read module names from it; when the model
+        is not the kind that was compressed (backbone of a classifier, or a different head), the parameter
+        counts are recounted for this model.
+        """
+        stored = CompressionPlan.from_dict(config.compression_plan)
+        plan = rekey_plan(stored, self)
+        compressed_class = (getattr(config, "compression_provenance", None) or {}).get("base_model_class")
+        recount = plan.layers.keys() != stored.layers.keys() or (
+            compressed_class is not None and compressed_class != self._dense_class.__name__
+        )
+        dense_parameters = count_parameters(self) if recount else plan.dense_parameters
+        apply_plan_structure(self, plan)
+        if recount:
+            plan = replace(plan, dense_parameters=dense_parameters, parameters=count_parameters(self))
+            config.compression_plan = plan.to_dict()
+        # post_init() initialized the dense modules the plan just replaced; the new ones carry torch's default
+        # init (std ~ 1/sqrt(3·fan_in), about 0.1 at these widths). Running transformers' initialization again
+        # reaches only them: every module it already initialized carries `_is_hf_initialized`. Under
+        # from_pretrained the model is built on the meta device, where init_weights does nothing and the
+        # loader initializes whatever the checkpoint did not fill, the same way.
+        self.init_weights()
 
     @property
     def compression_plan(self) -> CompressionPlan:
@@ -71,26 +119,36 @@ class CompressedModelMixin:
     def from_pretrained(cls, *args: Any, **kwargs: Any):
         """``PreTrainedModel.from_pretrained`` that refuses a checkpoint whose weights do not fit the plan.
 
-        transformers only logs a warning for missing or unexpected weights and initializes the missing
-        ones randomly; for a compressed model that would be a silently broken model.
+        For the planned modules, transformers would only log a warning for missing or unexpected weights and
+        initialize the missing ones randomly: a silently broken model. Those raise :class:`PlanMismatchError`.
+        Every other weight is handled exactly as transformers handles it: a new classifier size
+        (``num_labels=``) raises transformers' size-mismatch error unless ``ignore_mismatched_sizes=True``, a head
+        missing from a backbone-only checkpoint is freshly initialized with transformers' warning, and
+        ``output_loading_info=True`` reports those keys.
         """
         want_info = kwargs.pop("output_loading_info", False)
         user_ignores_mismatch = kwargs.pop("ignore_mismatched_sizes", False)
-        # Let transformers report shape mismatches instead of raising its generic error, so the message
-        # below can say which planned layers disagree with the weights.
+        # transformers raises its generic error for any mismatch; let it report them instead, so that
+        # planned layers get the message below and the others transformers' own error.
         model, info = super().from_pretrained(*args, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs)
+        in_plan = planned_key_filter(model)
+        missing = [key for key in info.get("missing_keys", ()) if in_plan(key)]
+        unexpected = [key for key in info.get("unexpected_keys", ()) if in_plan(key)]
+        mismatched = [key for key, *_ in info.get("mismatched_keys", ()) if in_plan(key)]
         problems = []
-        if info.get("missing_keys"):
-            problems.append(f"missing weights: {_preview(info['missing_keys'])}")
-        if info.get("unexpected_keys"):
-            problems.append(f"weights the plan has no place for: {_preview(info['unexpected_keys'])}")
-        if info.get("mismatched_keys") and not user_ignores_mismatch:
-            problems.append(f"weights of the wrong shape: {_preview([key for key, *_ in info['mismatched_keys']])}")
+        if missing:
+            problems.append(f"missing weights: {_preview(missing)}")
+        if unexpected:
+            problems.append(f"weights the plan has no place for: {_preview(unexpected)}")
+        if mismatched:
+            problems.append(f"weights of the wrong shape: {_preview(mismatched)}")
         if problems:
             raise PlanMismatchError(
                 f"The checkpoint does not match its compression plan ({'; '.join(problems)}). "
                 "It was probably edited or saved from a different model; re-run compression or restore the original files."
             )
+        if info.get("mismatched_keys") and not user_ignores_mismatch:
+            raise RuntimeError(MISMATCHED_SIZES_MESSAGE)
         source = args[0] if args else kwargs.get("pretrained_model_name_or_path")
         if source is not None and Path(source).is_dir():
             model.evaluation_report = EvaluationReport.load(source)
@@ -124,20 +182,136 @@ def _preview(keys: Any, limit: int = 4) -> str:
     return ", ".join(keys[:limit]) + more
 
 
+def planned_key_filter(model: nn.Module) -> Callable[[str], bool]:
+    """``in_plan(key)``: whether a weight name belongs to one of ``model``'s planned modules.
+
+    transformers reports missing and mismatched keys in the model's names, unexpected ones as the checkpoint
+    names them, which may lack or carry ``base_model_prefix``; both sides are compared without it (a head
+    module never shares a name with a backbone module).
+    """
+    prefix = f"{getattr(model, 'base_model_prefix', '')}."
+
+    def strip(name: str) -> str:
+        return name[len(prefix) :] if prefix != "." and name.startswith(prefix) else name
+
+    planned = {strip(name) for name in (getattr(model.config, "compression_plan", None) or {}).get("layers", {})}
+
+    def in_plan(key: str) -> bool:
+        parts = strip(key).split(".")
+        return any(".".join(parts[:end]) in planned for end in range(1, len(parts) + 1))
+
+    return in_plan
+
+
+# -- output recording -------------------------------------------------------------------------------
+def install_output_recorders(model: nn.Module) -> None:
+    """Make ``output_attentions`` / ``output_hidden_states`` see the modules compression put in.
+
+    transformers records those outputs with forward hooks on the classes a model lists in
+    ``_can_record_outputs`` (``ViTAttention``, ``ViTLayer``, ...), looked up per model *class* and installed
+    by the backbone (``model.vit``, a plain ``ViTModel`` even inside a compressed classifier). A
+    :class:`HeadFactorizedAttention` or a :class:`SkippedBlock` is not among them, so head-factorized and
+    pruned models returned no attention maps and too few hidden states. This puts transformers' own hook on
+    each of them, once (the hook does nothing unless a forward asks for outputs), so that they record just
+    as the modules they replace: attention weights (``None`` under SDPA, which computes none, as for the
+    dense model) and one hidden state per block, ``num_hidden_layers + 1`` in all. A skipped block has no
+    attention and records none.
+
+    Also registers compressed classes that were never constructed (``compress()`` changes ``__class__``)
+    in the per-class registry transformers reads, as ``PreTrainedModel.__init__`` would have.
+    """
+    for module in model.modules():
+        if isinstance(module, PreTrainedModel) and not output_capturing._CAN_RECORD_REGISTRY.get(module):
+            output_capturing._CAN_RECORD_REGISTRY[module] = module._can_record_outputs
+        if getattr(module, "_vitcompress_records_outputs", False):
+            continue
+        if isinstance(module, HeadFactorizedAttention):
+            _install_output_hook(module, "attentions", 1)
+        elif isinstance(module, SkippedBlock):
+            _install_output_hook(module, "hidden_states", 0)
+        else:
+            continue
+        module._vitcompress_records_outputs = True
+
+
+def _asks_for_outputs(model: nn.Module, kwargs: dict[str, Any]) -> bool:
+    for name in ("output_attentions", "output_hidden_states"):
+        value = kwargs.get(name, getattr(model.config, name, None))
+        if value is not None and value is not False:  # an index (even 0) or a list selects hidden states
+            return True
+    return False
+
+
+def _recording_forward(base_forward: Callable) -> Callable:
+    """``base_forward`` that first hooks modules swapped in since construction (``compress()`` builds the
+    model without ``__init__``; ``tune`` and ``search_ranks`` replace modules); same signature, so that
+    ``Trainer`` and PEFT, which read it, see the base class's arguments."""
+
+    @functools.wraps(base_forward)
+    def forward(self, *args: Any, **kwargs: Any):
+        if _asks_for_outputs(self, kwargs):
+            install_output_recorders(self)
+        return base_forward(self, *args, **kwargs)
+
+    return forward
+
+
+# -- classes and registration -----------------------------------------------------------------------
 def make_compressed_model_class(base_class: type, config_class: type, module: str) -> type:
-    """``Compressed<Base>``: ``base_class`` whose listed linears are rebuilt from the plan."""
+    """``Compressed<Base>``: ``base_class`` whose listed linears are rebuilt from the plan.
+
+    ``__init__`` and ``forward`` show the base class's signatures (``ViTModel``'s ``add_pooling_layer`` and
+    ``use_mask_token``, ...): transformers' tests, ``Trainer`` and PEFT inspect them.
+    """
     name = f"Compressed{base_class.__name__}"
-    cls = type(name, (CompressedModelMixin, base_class), {"config_class": config_class, "__module__": module})
+
+    def __init__(self, config, *args: Any, **kwargs: Any) -> None:
+        CompressedModelMixin.__init__(self, config, *args, **kwargs)
+
+    __init__.__signature__ = inspect.signature(base_class.__init__)
+    __init__.__doc__ = base_class.__init__.__doc__
+    __init__.__qualname__ = f"{name}.__init__"
+    forward = _recording_forward(base_class.forward)
+    forward.__qualname__ = f"{name}.forward"
+    namespace = {
+        "config_class": config_class,
+        "__module__": module,
+        "__init__": __init__,
+        "forward": forward,
+        "_dense_class": base_class,
+    }
+    cls = type(name, (CompressedModelMixin, base_class), namespace)
     cls.__doc__ = (
         f"A {base_class.__name__} compressed by hf_vitcompress (architecture from ``config.compression_plan``)."
     )
+    _share_weight_renaming(base_class.__name__, name)
     return cls
 
 
-def auto_map_for(config_class: type, model_classes: dict[str, type]) -> dict[str, str]:
-    """``auto_map`` entries pointing the Auto classes at the loader shim."""
+def _share_weight_renaming(dense_name: str, compressed_name: str) -> None:
+    """Give the compressed class (or ``model_type``) the checkpoint key renaming transformers has for the dense one.
+
+    transformers looks renamings up by class name, then ``model_type``, for the model and each sub-model:
+    ``ViTModel``'s maps the classic names (``encoder.layer.N.attention.attention.query``) to 5.x ones, both
+    ways. A compressed classifier's backbone is a plain ``ViTModel`` and gets it, but a bare
+    ``CompressedViTModel`` did not: it saved 5.x names, and a classifier checkpoint (classic names) loaded
+    into it as a backbone found none of its weights. Renaming an already renamed key is a no-op, so bare
+    checkpoints saved without it still load.
+    """
+    from transformers import conversion_mapping
+
+    mapping = conversion_mapping.get_checkpoint_conversion_mapping(dense_name)
+    if mapping is not None:
+        conversion_mapping.register_checkpoint_conversion_mapping(compressed_name, mapping, overwrite=True)
+
+
+def auto_map_for(config_class: type, model_classes: dict[str, type | tuple[type, ...]]) -> dict[str, str]:
+    """``auto_map`` entries pointing the Auto classes at the loader shim (the default class where an Auto class
+    has several; with the plugin imported, transformers picks among them by ``config.architectures``)."""
     entries = {"AutoConfig": f"{LOADER_SHIM_NAME}.{config_class.__name__}"}
-    entries.update({auto: f"{LOADER_SHIM_NAME}.{cls.__name__}" for auto, cls in model_classes.items()})
+    for auto, classes in model_classes.items():
+        default = classes[0] if isinstance(classes, tuple) else classes
+        entries[auto] = f"{LOADER_SHIM_NAME}.{default.__name__}"
     return entries
 
 
@@ -147,22 +321,33 @@ def write_loader_shim(save_directory: str | os.PathLike, config: Any) -> None:
         Path(save_directory, f"{LOADER_SHIM_NAME}.py").write_text(_SHIM_TEMPLATE.format(names=", ".join(names)))
 
 
-def register_family_classes(config_class: type, model_classes: dict[str, type]) -> None:
-    """Register the compressed classes with the Auto factories (once, at import)."""
+def register_family_classes(config_class: type, model_classes: dict[str, type | tuple[type, ...]]) -> None:
+    """Register the compressed classes with the Auto factories (once, at import).
+
+    A tuple registers several classes for one Auto class: transformers then builds the one named in the
+    checkpoint's ``config.architectures`` (the first when none matches), as its own mapping does for
+    ``deit``. That is how a distilled DeiT reloads as ``...WithTeacher`` through
+    ``AutoModelForImageClassification`` under the same ``model_type``.
+    """
     config_class._auto_classes = dict(model_classes)
     AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
+    dense_config = next(c for c in config_class.__mro__[1:] if getattr(c, "model_type", "") and "model_type" in vars(c))
+    _share_weight_renaming(dense_config.model_type, config_class.model_type)
     autos = {"AutoModel": AutoModel, "AutoModelForImageClassification": AutoModelForImageClassification}
-    for auto_name, model_class in model_classes.items():
-        autos[auto_name].register(config_class, model_class, exist_ok=True)
+    for auto_name, classes in model_classes.items():
+        autos[auto_name].register(config_class, classes, exist_ok=True)
 
 
 __all__ = [
     "CompressedConfigMixin",
     "CompressedModelMixin",
     "LOADER_SHIM_NAME",
+    "MISMATCHED_SIZES_MESSAGE",
     "PlanMismatchError",
     "auto_map_for",
+    "install_output_recorders",
     "make_compressed_model_class",
+    "planned_key_filter",
     "register_family_classes",
     "write_loader_shim",
 ]

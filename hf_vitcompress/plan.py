@@ -7,7 +7,7 @@ weights load: loaders read only the plan.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from torch import nn
@@ -190,6 +190,48 @@ def _head_factorized_for(name: str, current: nn.Module, layer: LayerPlan) -> Hea
         device=weight.device,
         dtype=weight.dtype,
     )
+
+
+def rekey_plan(plan: CompressionPlan, model: nn.Module) -> CompressionPlan:
+    """``plan`` with its module names as ``model`` names them.
+
+    A plan names modules as the compressed model did: ``vit.layers.0.attention`` for a classifier,
+    ``layers.0.attention`` for a bare ``ViTModel``. transformers loads a checkpoint into the other kind of
+    model by adding or removing ``base_model_prefix`` on the weight names; the plan follows the same rule,
+    so that a compressed classifier loads as a backbone (``AutoModel``) and a compressed backbone under a
+    head. Entries for a part of the model that this kind of model does not have at all (a classifier when
+    loading the backbone, the other head class's classifiers, a pooler built without) are dropped: their
+    weights are then unexpected keys, which transformers reports as usual. Every other entry is kept, even
+    one that names a missing module, for :func:`apply_plan_structure` to refuse. Plans of older checkpoints
+    (always named after the compressed model) load unchanged.
+    """
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    if not prefix:
+        return plan
+    backbone = getattr(model, prefix, None)
+    has_head = isinstance(backbone, nn.Module) and backbone is not model
+
+    def has_root(module: nn.Module, name: str) -> bool:  # None children (no pooler) do not count
+        return isinstance(getattr(module, name.split(".", 1)[0], None), nn.Module)
+
+    layers: dict[str, LayerPlan] = {}
+    for name, layer in plan.layers.items():
+        prefixed = name.startswith(prefix + ".")
+        if has_head:
+            if prefixed or has_root(model, name):
+                target = name
+            elif has_root(backbone, name):
+                target = f"{prefix}.{name}"
+            else:
+                continue
+        else:
+            target = name[len(prefix) + 1 :] if prefixed else name
+            if not has_root(model, target):
+                continue
+        layers[target] = layer
+    if list(layers) == list(plan.layers):
+        return plan
+    return replace(plan, layers=layers)
 
 
 def apply_plan_structure(model: nn.Module, plan: CompressionPlan) -> None:

@@ -38,9 +38,16 @@ CompressedDeiTForImageClassification = make_compressed_model_class(
 CompressedDeiTForImageClassificationWithTeacher = make_compressed_model_class(
     DeiTForImageClassificationWithTeacher, CompressedDeiTConfig, __name__
 )
+# Every distilled checkpoint (``facebook/deit-*-distilled-*``) is a ``...WithTeacher``. As transformers does for ``deit``
+# (its image-classification mapping lists both classes), both are registered for AutoModelForImageClassification
+# and transformers builds the one named in the checkpoint's ``architectures`` (the plain classifier when none
+# matches), so a compressed distilled model reloads with its two heads, also from checkpoints of earlier releases.
 _AUTO_CLASSES = {
     "AutoModel": CompressedDeiTModel,
-    "AutoModelForImageClassification": CompressedDeiTForImageClassification,
+    "AutoModelForImageClassification": (
+        CompressedDeiTForImageClassification,
+        CompressedDeiTForImageClassificationWithTeacher,
+    ),
 }
 register_family_classes(CompressedDeiTConfig, _AUTO_CLASSES)
 
