@@ -110,10 +110,15 @@ def load_batches(
     ]
 
 
-def load_model(path_or_id: str):
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def load_model(path_or_id: str, dtype: str | None = None):
+    """The checkpoint as an image classifier, in ``dtype`` (default ``"auto"``: the dtype it was saved in,
+    which is what transformers 5 loads; a bfloat16 checkpoint stays bfloat16 and compresses as such)."""
     from transformers import AutoModelForImageClassification
 
-    return AutoModelForImageClassification.from_pretrained(path_or_id).eval()
+    return AutoModelForImageClassification.from_pretrained(path_or_id, dtype=dtype or "auto").eval()
 
 
 # -- commands ---------------------------------------------------------------------------------------
@@ -132,7 +137,7 @@ def cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
 
     model_path = args.model or str(DEFAULT_MODEL_DIR)
     config = _config_from_args(args)
-    model = load_model(model_path)
+    model = load_model(model_path, args.dtype)
     if args.tune and config.method == "pruning":
         raise ValueError("--tune chooses how factorized layers run; method 'pruning' leaves none (drop --tune).")
     processes = CalibrationProcesses.current()
@@ -434,17 +439,25 @@ def cmd_search_ranks(args: argparse.Namespace) -> dict[str, Any]:
         {"pixel_values": pixels[i : i + args.batch_size], "labels": labels[i : i + args.batch_size]}
         for i in range(0, len(pixels), args.batch_size)
     ]
+    calibration = None
+    if args.calibration is not None:  # as `compress` read it: the same images give the same statistics
+        samples = (getattr(model.config, "compression_config", None) or {}).get("calibration_samples")
+        calibration = load_batches(args.calibration, args.model, "calibration", samples)
     searched = search_ranks(
         model,
         load_model(dense_path),
         batches,
         target_param_ratio=args.target_param_ratio,
         steps=args.steps,
+        calibration_data=calibration,
         progress=not args.quiet,
     )
     searched.config.compression_provenance["rank_search"]["data"] = describe_data(args.data, "train", len(pixels))[
         "dataset"
     ]
+    if calibration is not None:
+        statistics = searched.config.compression_provenance["rank_search"]["attention_statistics"]
+        statistics["data"] = describe_data(args.calibration, "calibration", statistics["images"])["dataset"]
     save_atomically(searched, args.output, (Path(args.model) / "preprocessor_config.json",))
     summary = {
         "output": args.output,
@@ -582,6 +595,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--device", default="cpu", help="device to calibrate (and --tune) on, e.g. cuda (default: cpu)"
     )
     compress_parser.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default="auto",
+        help="dtype to load and compress the model in; the output is saved in it (default: auto, the checkpoint's own)",
+    )
+    compress_parser.add_argument(
         "--tune",
         action="store_true",
         help="time dense / factorized / fused (GPU) per layer on --device and keep the fastest (recorded in the plan)",
@@ -626,10 +645,24 @@ def build_parser() -> argparse.ArgumentParser:
         prune_parser.add_argument(flag, dest=f"pruning_{name}", type=float, default=None)
     prune_parser.set_defaults(method="pruning")
 
-    search_parser = sub.add_parser("search-ranks", help="search per-head ranks of a head-factorized model")
+    search_parser = sub.add_parser(
+        "search-ranks",
+        help="search per-head ranks of a head-factorized model",
+        description="Search the per-head ranks of a model compressed with --method head_factorization on held-out "
+        "training images, then save it. Every attention is re-factorized from the dense model (the compressed "
+        "checkpoint keeps only truncated factors): on the statistics of --calibration when given (pass the DATA "
+        "the model was compressed with to reproduce its factors), else of the first search images. Which one is "
+        "recorded in the config's compression_provenance.rank_search.attention_statistics.",
+    )
     search_parser.add_argument("--model", required=True, help="checkpoint compressed with --method head_factorization")
     search_parser.add_argument("--dense", default=None, help="the dense model (default: the recorded base model)")
     search_parser.add_argument("--data", default="default", help="training DATA (its last images are used)")
+    search_parser.add_argument(
+        "--calibration",
+        default=None,
+        help="DATA to re-factorize the attentions on (default: the first search images; pass the compression's "
+        "calibration DATA to factorize on the statistics it used)",
+    )
     search_parser.add_argument("--output", required=True)
     search_parser.add_argument("--steps", type=int, default=200)
     search_parser.add_argument("--search-images", dest="search_images", type=int, default=4096)

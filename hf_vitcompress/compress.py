@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import copy
+import itertools
+from collections.abc import Iterator
 from typing import Any
 
+import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from .calibration.data import image_size_of, iter_calibration_batches
+from .calibration.data import CalibrationDataError, interpolated_positions, iter_calibration_batches, patch_size_of
 from .calibration.distributed import CalibrationProcesses
 from .configuration import CompressionConfig
 from .families import FamilyAdapter, family_for
@@ -73,6 +76,56 @@ def _head_factorization_targets(target_modules: list[str] | None) -> list[str] |
     return expanded
 
 
+def check_weights_in_memory(model: nn.Module) -> None:
+    """Refuse, before any work, a model whose weights are not all in memory (meta device, Accelerate offload).
+
+    Compression reads every weight (a deep copy, SVDs, statistics) and writes new ones. A meta tensor has
+    no data; an offloaded one lives in an Accelerate hook's weights map that neither the copy nor the
+    factorization sees. Either way the run would fail deep inside (``Tensor.item() cannot be called on
+    meta tensors``, ``Cannot copy out of meta tensor``) or, worse, hand back a half-compressed model.
+    """
+    missing = [
+        name for name, tensor in itertools.chain(model.named_parameters(), model.named_buffers()) if tensor.is_meta
+    ]
+    if not missing:
+        return
+    example = f"{len(missing)} of its tensors (e.g. {missing[0]!r}) are on the meta device"
+    device_map = getattr(model, "hf_device_map", None)
+    if device_map or any(hasattr(module, "_hf_hook") for module in model.modules()):
+        devices = sorted({str(device) for device in (device_map or {}).values()})
+        where = f" (its device_map places weights on {', '.join(devices)})" if devices else ""
+        raise ValueError(
+            f"compress() needs every weight of the model in memory, but {type(model).__name__} is offloaded by "
+            f"Accelerate{where}: {example}. Load it without offloading, e.g. "
+            "AutoModelForImageClassification.from_pretrained(path) with no device_map (or a device_map that puts "
+            "everything on one device with room for it), instead of cpu_offload / disk_offload / device_map with "
+            "'cpu' or 'disk' entries; then compress. The compressed model is smaller and can be dispatched afterwards."
+        )
+    raise ValueError(
+        f"compress() needs the model's weights, but {type(model).__name__} has none: {example}, as after "
+        "accelerate's init_empty_weights() or building on device='meta'. Load real weights first, e.g. "
+        "AutoModelForImageClassification.from_pretrained(path) (or load_checkpoint_and_dispatch without "
+        "offloading), then compress."
+    )
+
+
+def compute_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype compression runs ``model``'s forward passes in: its own, except float16 on the CPU.
+
+    float16 matmuls on the CPU are emulated (about 7x slower than float32 in torch 2.13), so a float16
+    model there is compressed on a float32 copy and the result cast back to float16: the same weights,
+    the activations rounded less. Everywhere else (bfloat16 on the CPU, which is fast; any half dtype on
+    an accelerator, where a float32 copy of a large model would cost memory it may not have) the model
+    runs in its own dtype, so the statistics describe the model as it will serve. Statistics and
+    factorizations are float64 either way.
+    """
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    devices = {p.device.type for p in model.parameters()}
+    if dtypes == {torch.float16} and devices == {"cpu"}:
+        return torch.float32
+    return next(model.parameters()).dtype
+
+
 def _version() -> str:
     from . import __version__
 
@@ -101,6 +154,16 @@ def compress(
     and every process returns the same compressed model (see :mod:`hf_vitcompress.calibration.distributed`).
     Without it, ``compress`` calibrates each process on all the data it is given and runs no collectives,
     so calling it from one process only (``if accelerator.is_main_process``) is safe.
+
+    Calibration images may have any size that is a multiple of the patch size: calibrate at the
+    resolution you serve. Other sizes than ``config.image_size`` run with ``interpolate_pos_encoding=True``
+    (as you would serve them), and method ``pruning`` counts its FLOPs budget at the size of the images it
+    is given (magnitude importance reads only their size). The sizes are recorded in
+    ``config.compression_provenance``.
+
+    Half-precision models (float16, bfloat16) compress to a model in the same dtype; see
+    :func:`compute_dtype` for the dtype the forward passes run in. A model whose weights are not in
+    memory (meta device, Accelerate offloading) is refused up front (:func:`check_weights_in_memory`).
     """
     if not isinstance(config, CompressionConfig):
         raise TypeError(f"config must be a CompressionConfig, got {type(config).__name__}.")
@@ -108,6 +171,7 @@ def compress(
         raise ValueError("This model is already compressed; compress the original dense model instead.")
     family = family_for(model)
     family.compressed_class_for(model)  # refuses unsupported model classes before any work
+    check_weights_in_memory(model)
     target_modules = config.target_modules
     if config.method == "head_factorization":
         target_modules = _head_factorization_targets(target_modules)
@@ -118,66 +182,108 @@ def compress(
         )
     block_groups, extra = resolve_targets(model, family, target_modules)
 
+    dtype = next(model.parameters()).dtype
+    working_dtype = compute_dtype(model)
+    parameter = next(model.parameters())
     batches = None
     calibration_images = 0
+    image_sizes: list[tuple[int, int]] = []  # distinct calibration resolutions, in the order met
     processes = CalibrationProcesses()
+
+    def checked_batches(max_samples: int) -> Iterator[torch.Tensor]:
+        return iter_calibration_batches(
+            calibration_data,
+            max_samples=max_samples,
+            num_channels=model.config.num_channels,
+            patch_size=patch_size_of(model.config),
+            device=parameter.device,
+            dtype=working_dtype,
+        )
+
     if needs_calibration(config):
         if distributed:
             processes = CalibrationProcesses.current().with_context(
                 config=config.to_dict(), targets=block_groups, extra_targets=extra
             )
         progress = progress and processes.is_main
-        parameter = next(model.parameters())
-        batches = iter_calibration_batches(
-            calibration_data,
-            max_samples=config.calibration_samples,
-            num_channels=model.config.num_channels,
-            image_size=image_size_of(model.config),
-            device=parameter.device,
-            dtype=parameter.dtype,
-        )
 
         def counted(source):
             nonlocal calibration_images
             for batch in source:
+                size = tuple(batch.shape[-2:])
+                if size not in image_sizes:
+                    if image_sizes and config.method == "pruning":
+                        raise CalibrationDataError(
+                            f"method='pruning' counts its FLOPs budget at one resolution, but the calibration images "
+                            f"come in {image_sizes[0]} and {size}: resize them to the one resolution you serve."
+                        )
+                    image_sizes.append(size)
                 calibration_images += len(batch)
                 yield batch
 
-        batches = processes.shard(counted(batches))  # every process counts all images, runs its share
+        source = counted(checked_batches(config.calibration_samples))
+        with processes.together("reading the calibration data"):
+            first = next(source)  # checks the data (and learns its resolution) before any model work
+        batches = processes.shard(itertools.chain([first], source))  # every process counts all images
+    elif config.method == "pruning" and calibration_data is not None:  # magnitude: only the images' size
+        image_sizes.append(tuple(next(checked_batches(1)).shape[-2:]))
 
     was_training = model.training
     model.eval()  # the dense model is the reference: no dropout while it is measured
     try:
+        # float16 on the CPU: compute on a float32 copy (see compute_dtype); the user's model is untouched
+        dense = model if working_dtype == dtype else copy.deepcopy(model).to(working_dtype)
         if config.method == "pruning":  # its export copies the model itself
-            structure, state = plan_pruning(model, config, batches, processes)
-            pruned = export_pruned(model, structure, state, config, calibration_images=calibration_images)
-            return pruned.train(was_training)
-        working = copy.deepcopy(model)
-        if config.method == "head_factorization":
-            linears = [name for block in block_groups for group in block for name in group] + extra
-            attention_names = [name.rsplit(".", 1)[0] for name in linears if name.endswith(".q_proj")]
-            projections = {f"{a}.{p}" for a in attention_names for p in ATTENTION_PROJECTIONS}
-            others = [name for name in linears if name not in projections]
-            plan, report = compress_head_factorization(
-                working, attention_names, others, config, batches, progress, processes
+            image_size = image_sizes[0] if image_sizes else None
+            structure, state = plan_pruning(dense, config, batches, processes, image_size=image_size)
+            provenance = _image_size_provenance(image_sizes if batches is not None else [])
+            if image_size:
+                provenance["macs_image_size"] = list(image_size)  # the resolution the FLOPs budget is counted at
+            pruned = export_pruned(
+                dense, structure, state, config, calibration_images=calibration_images, provenance=provenance
             )
-        else:
-            plan, report = compress_activation_aware(
-                working,
-                model,
-                block_groups,
-                extra,
-                config,
-                batches,
-                (family.blocks(model), family.blocks(working)),
-                progress=progress,
-                processes=processes,
-            )
+            return _in_dtype(pruned, dtype).train(was_training)
+        working = copy.deepcopy(dense)
+        with interpolated_positions(working):  # calibration images of another size than config.image_size
+            if config.method == "head_factorization":
+                linears = [name for block in block_groups for group in block for name in group] + extra
+                attention_names = [name.rsplit(".", 1)[0] for name in linears if name.endswith(".q_proj")]
+                projections = {f"{a}.{p}" for a in attention_names for p in ATTENTION_PROJECTIONS}
+                others = [name for name in linears if name not in projections]
+                plan, report = compress_head_factorization(
+                    working, attention_names, others, config, batches, progress, processes
+                )
+            else:
+                plan, report = compress_activation_aware(
+                    working,
+                    dense,
+                    block_groups,
+                    extra,
+                    config,
+                    batches,
+                    (family.blocks(dense), family.blocks(working)),
+                    progress=progress,
+                    processes=processes,
+                )
     finally:
         model.train(was_training)
     working.train(was_training)
 
-    return finish_compressed(working, model, config, plan, report, calibration_images)
+    compressed = finish_compressed(working, model, config, plan, report, calibration_images)
+    compressed.config.compression_provenance.update(_image_size_provenance(image_sizes if batches is not None else []))
+    return _in_dtype(compressed, dtype)
+
+
+def _image_size_provenance(image_sizes: list[tuple[int, int]]) -> dict[str, Any]:
+    """The calibration resolutions, for the record: statistics describe the model at these sizes only."""
+    return {"calibration_image_sizes": [list(size) for size in image_sizes]} if image_sizes else {}
+
+
+def _in_dtype(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """``model`` cast back to the input's dtype when it was compressed in another (see :func:`compute_dtype`)."""
+    if next(model.parameters()).dtype != dtype:
+        model.to(dtype)
+    return model
 
 
 def finish_compressed(

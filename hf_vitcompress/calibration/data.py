@@ -1,11 +1,20 @@
-"""Turn whatever the user passes as calibration data into checked ``pixel_values`` batches."""
+"""Turn whatever the user passes as calibration data into checked ``pixel_values`` batches.
+
+Images may have any size that is a multiple of the patch size, not only ``config.image_size``: users
+calibrate at the resolution they serve, and a ViT serves other resolutions with
+``interpolate_pos_encoding=True`` (DINOv2-style backbones at many). :func:`interpolated_positions`
+makes every forward that compression runs do the same.
+"""
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
+from torch import nn
 
 
 class CalibrationDataError(ValueError):
@@ -58,15 +67,17 @@ def iter_calibration_batches(
     *,
     max_samples: int,
     num_channels: int,
-    image_size: tuple[int, int] | None = None,
+    patch_size: tuple[int, int] | None = None,
     batch_size: int = 32,
     device: torch.device | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> Iterator[torch.Tensor]:
     """Yield checked ``[b, C, H, W]`` batches until ``max_samples`` images have been produced.
 
-    Raises :class:`CalibrationDataError` for empty data, wrong shapes or non-finite values, naming
-    what was expected, before any model is touched.
+    ``H`` and ``W`` may be any multiples of ``patch_size`` (the resolution the model will serve; see the
+    module docstring); a size that is not would silently lose its border pixels in the patch embedding,
+    so it is refused. Raises :class:`CalibrationDataError` for empty data, wrong shapes or non-finite
+    values, naming what was expected, before any model is touched.
     """
     seen = 0
     for item in _raw_batches(data, batch_size):
@@ -77,11 +88,14 @@ def iter_calibration_batches(
             raise CalibrationDataError(
                 f"Calibration pixel_values must have shape (batch, {num_channels}, height, width); got {tuple(pixels.shape)}."
             )
-        if image_size is not None and tuple(pixels.shape[-2:]) != tuple(image_size):
-            raise CalibrationDataError(
-                f"Calibration images are {tuple(pixels.shape[-2:])} but the model expects {tuple(image_size)}: "
-                "resize them with the model's image processor."
-            )
+        if patch_size is not None:
+            size = tuple(pixels.shape[-2:])
+            if any(side < patch or side % patch for side, patch in zip(size, patch_size, strict=True)):
+                raise CalibrationDataError(
+                    f"Calibration images are {size} (height, width), which is not a multiple of the model's patch size "
+                    f"{tuple(patch_size)}: resize them with the model's image processor to the resolution you serve at "
+                    "(the model's image_size, or any multiple of the patch size with interpolate_pos_encoding=True)."
+                )
         if not pixels.is_floating_point():
             raise CalibrationDataError(
                 f"Calibration pixel_values have dtype {pixels.dtype}; pass normalized float tensors (the image processor's output)."
@@ -104,3 +118,45 @@ def iter_calibration_batches(
 def image_size_of(config: Any) -> tuple[int, int]:
     size = config.image_size
     return (size, size) if isinstance(size, int) else tuple(size)
+
+
+def patch_size_of(config: Any) -> tuple[int, int]:
+    size = config.patch_size
+    return (size, size) if isinstance(size, int) else tuple(size)
+
+
+def forward_needs_interpolation(model: nn.Module, pixel_values: torch.Tensor) -> bool:
+    """Whether ``pixel_values`` differ in size from ``model.config.image_size`` (ViT/DeiT then refuse them
+    unless asked to interpolate their position embeddings)."""
+    return tuple(pixel_values.shape[-2:]) != image_size_of(model.config)
+
+
+@contextmanager
+def interpolated_positions(model: nn.Module) -> Iterator[nn.Module]:
+    """While active, every forward of ``model`` on images of another size than ``config.image_size`` gets
+    ``interpolate_pos_encoding=True`` (unless the call sets it itself).
+
+    A hook rather than an argument, so that every forward compression runs (calibration passes, Taylor
+    scores, the MAC count of the pruning budget in :func:`hf_vitcompress.evaluation.count_macs`) sees the
+    images exactly as the user serves them, with one mechanism. At ``config.image_size`` nothing changes.
+    Removed on exit, so a model handed back to the user never keeps it.
+    """
+    config = getattr(model, "config", None)
+    accepts = "interpolate_pos_encoding" in inspect.signature(model.forward).parameters
+    if config is None or not hasattr(config, "image_size") or not accepts:
+        yield model
+        return
+
+    def hook(_module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        pixels = kwargs.get("pixel_values", args[0] if args else None)
+        if kwargs.get("interpolate_pos_encoding") is not None or not isinstance(pixels, torch.Tensor):
+            return None
+        if pixels.dim() == 4 and forward_needs_interpolation(model, pixels):
+            return args, {**kwargs, "interpolate_pos_encoding": True}
+        return None
+
+    handle = model.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield model
+    finally:
+        handle.remove()

@@ -165,14 +165,19 @@ def _loss(
     dense_input: torch.Tensor,
     compressed_input: torch.Tensor,
 ) -> torch.Tensor:
-    """Sum over the group's layers of the relative output error of one batch."""
+    """Sum over the group's layers of the relative output error of one batch.
+
+    Computed in float32 whatever the model's dtype: the residual is trained in float32 (a half-precision
+    Adam step would round most updates away), so half-precision inputs and weights are cast up first.
+    """
     loss = 0.0
+    dense_input, compressed_input = dense_input.float(), compressed_input.float()
     for name, state in trainable.items():
         weight = layers[name][0]
         with torch.no_grad():
             target = dense_input @ weight.float().T
             main_up, main_down = state["main"]
             frozen = (compressed_input @ main_down.float().T) @ main_up.float().T
-        prediction = frozen + (compressed_input.float() @ state["down"].T) @ state["up"].T
+        prediction = frozen + (compressed_input @ state["down"].T) @ state["up"].T
         loss = loss + (prediction - target).square().mean() / target.square().mean().clamp_min(1e-30)
     return loss

@@ -12,6 +12,15 @@ The search runs on the data it is given, which should be a held-out part of the 
 official code searches on the validation set; this one never touches evaluation data). Afterwards the
 chosen ranks are projected onto the budget exactly: ranks move one at a time, cheapest preference
 first, until the model is within one rank step below ``target_param_ratio``.
+
+The attentions are **factorized again**, not taken from the compressed model: the search needs every
+head's full-rank SVD, and ``compress()`` keeps only the truncated factors (its statistics are not
+saved). The dense attentions are re-factorized on fresh statistics, by default from the first
+``calibration_batches`` of the search data, so the searched model's attention factors (at every rank,
+not only the changed ones) come from those images, not from the compression's calibration set. Pass
+``calibration_data`` (the compression's calibration images, at most its ``calibration_samples`` are
+used, as ``compress()`` does) to factorize on exactly the statistics the compression used. Which it
+was is recorded in ``config.compression_provenance["rank_search"]["attention_statistics"]``.
 """
 
 from __future__ import annotations
@@ -20,6 +29,7 @@ import copy
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +37,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ...budget import BudgetError
+from ...calibration.data import interpolated_positions, iter_calibration_batches, patch_size_of
 from ...calibration.gram import collect_linear_statistics
 from ...plan import CompressionPlan, count_parameters, set_submodule
 from ...training.schedules import Schedule
@@ -107,6 +118,7 @@ def search_ranks(
     beta: float = 1.5,
     temperature: tuple[float, float] = (5.0, 0.1),
     calibration_batches: int = 8,
+    calibration_data: Any = None,
     seed: int = 0,
     progress: bool = True,
 ) -> nn.Module:
@@ -115,6 +127,11 @@ def search_ranks(
 
     MLP and other low-rank layers keep their ranks; the attention heads share what the budget leaves.
     ``target_param_ratio`` defaults to the ratio the model was compressed to.
+
+    Every attention is re-factorized from ``dense_model`` (see the module docstring): on the statistics
+    of ``calibration_data`` when given (anything ``compress()`` takes; pass the compression's calibration
+    images to reproduce its factors), else of the first ``calibration_batches`` batches of ``data``.
+    The source and image count are recorded in ``compression_provenance["rank_search"]["attention_statistics"]``.
     """
     plan = CompressionPlan.from_dict(model.config.compression_plan or {"layers": {}})
     names = [name for name, layer in plan.layers.items() if layer.kind == "head_factorized"]
@@ -135,7 +152,24 @@ def search_ranks(
     target = math.floor(ratio * plan.dense_parameters)
 
     generator = torch.Generator().manual_seed(seed)
-    statistics = collect_linear_statistics(dense_model, [f"{n}.q_proj" for n in names], batches[:calibration_batches])
+    parameter = next(dense_model.parameters())
+    if calibration_data is not None:  # the compression's own images: the same statistics, the same factors
+        statistics_batches = list(
+            iter_calibration_batches(
+                calibration_data,
+                max_samples=model.config.compression_config.get("calibration_samples", 512),
+                num_channels=dense_model.config.num_channels,
+                patch_size=patch_size_of(dense_model.config),
+                device=parameter.device,
+                dtype=parameter.dtype,
+            )
+        )
+        statistics_source = "calibration_data"
+    else:
+        statistics_batches = batches[:calibration_batches]
+        statistics_source = "search_data"
+    with interpolated_positions(dense_model):  # images of another size than config.image_size
+        statistics = collect_linear_statistics(dense_model, [f"{n}.q_proj" for n in names], statistics_batches)
     factorizations: dict[str, AttentionFactorization] = {
         name: factorize_attention(
             dense_model.get_submodule(name),
@@ -185,28 +219,31 @@ def search_ranks(
         return total + fixed
 
     history: list[dict[str, float]] = []
-    try:
-        for step in tqdm(range(steps), desc="rank search", disable=not progress, unit="step"):
-            for controller in controllers.values():
-                controller.temperature = schedule.value(step / max(steps - 1, 1))
-            batch = batches[step % len(batches)]
-            parameters = expected_parameters()
-            cross_entropy = F.cross_entropy(working(pixel_values=batch["pixel_values"]).logits.float(), batch["labels"])
-            over = (parameters / target).clamp_min(1.0)
-            loss = cross_entropy * over.float() ** beta
-            if not torch.isfinite(loss):
-                raise RankSearchError(
-                    f"The rank search diverged at step {step} (loss {loss.detach().item()}): lower learning_rate, or check the data."
+    with interpolated_positions(working):  # search images of another size than config.image_size
+        try:
+            for step in tqdm(range(steps), desc="rank search", disable=not progress, unit="step"):
+                for controller in controllers.values():
+                    controller.temperature = schedule.value(step / max(steps - 1, 1))
+                batch = batches[step % len(batches)]
+                parameters = expected_parameters()
+                cross_entropy = F.cross_entropy(
+                    working(pixel_values=batch["pixel_values"]).logits.float(), batch["labels"]
                 )
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            history.append(
-                {"step": step, "cross_entropy": cross_entropy.item(), "expected_parameters": parameters.item()}
-            )
-    finally:
-        for handle in handles:
-            handle.remove()
+                over = (parameters / target).clamp_min(1.0)
+                loss = cross_entropy * over.float() ** beta
+                if not torch.isfinite(loss):
+                    raise RankSearchError(
+                        f"The rank search diverged at step {step} (loss {loss.detach().item()}): lower learning_rate, or check the data."
+                    )
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                history.append(
+                    {"step": step, "cross_entropy": cross_entropy.item(), "expected_parameters": parameters.item()}
+                )
+        finally:
+            for handle in handles:
+                handle.remove()
 
     # Preferences → ranks, then projection onto the budget (exact to one rank step).
     preferences = {}
@@ -236,10 +273,23 @@ def search_ranks(
         "temperature": list(temperature),
         "learning_rate": learning_rate,
         "target_param_ratio": ratio,
+        # The attentions were re-factorized (see the module docstring): on which images.
+        "attention_statistics": {
+            "source": statistics_source,
+            "images": sum(_batch_size(b) for b in statistics_batches),
+            "note": "every attention re-factorized from the dense model on the statistics of the first "
+            f"{calibration_batches} search batches, not of the compression's calibration images"
+            if statistics_source == "search_data"
+            else "every attention re-factorized from the dense model on the statistics of the given calibration data",
+        },
     }
     searched.config.compression_provenance = provenance
     searched.rank_search = RankSearchResult(qk_ranks, vo_ranks, history)
     return searched
+
+
+def _batch_size(batch: torch.Tensor | dict) -> int:
+    return len(batch["pixel_values"] if isinstance(batch, dict) else batch)
 
 
 def _interpolated_preference(logits: torch.Tensor, levels: list[int], rank: int) -> float:

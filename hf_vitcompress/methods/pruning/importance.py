@@ -106,15 +106,19 @@ def taylor_scores(
         try:
             for batch in batches:
                 pixels = batch if isinstance(batch, torch.Tensor) else batch["pixel_values"]
+                pixels = pixels.to(dtype=next(model.parameters()).dtype)  # the float32 copy of a half model
                 labels = None if isinstance(batch, torch.Tensor) else batch.get("labels")
                 model.zero_grad(set_to_none=True)
-                logits = model(pixel_values=pixels).logits
+                logits = model(pixel_values=pixels).logits.float()  # the loss in float32 for half-precision models
                 if labels is None:
                     labels = logits.detach().argmax(-1)
                 nn.functional.cross_entropy(logits, labels.to(logits.device)).backward()
                 with torch.no_grad():
                     for b, ((attention, mlp), found) in enumerate(zip(parts, parameters, strict=True)):
-                        products = {n: (p.grad * p).double() for n, p in found.items() if p.grad is not None}
+                        # float64 before the product: a half-precision grad·w rounds away small groups' scores
+                        products = {
+                            n: p.grad.double() * p.detach().double() for n, p in found.items() if p.grad is not None
+                        }
                         qk, vo = _head_terms(attention, products)
                         heads[b] += (qk + vo.sum(1)).cpu() ** 2
                         dims[b] += vo.cpu() ** 2

@@ -9,16 +9,47 @@ with distillation and ends with the same projection and the same export.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Iterator
 
 import torch
 from torch import nn
 
+from ...calibration.data import image_size_of, interpolated_positions
 from ...calibration.distributed import SINGLE_PROCESS, CalibrationProcesses
 from ...configuration import CompressionConfig
+from ...evaluation import count_macs
+from ...families import family_for
 from .importance import magnitude_scores, taylor_scores
 from .projection import project_to_budget
 from .structure import BlockPruning, PrunableModel
+
+
+def prunable_at(model: nn.Module, image_size: tuple[int, int] | None = None) -> PrunableModel:
+    """:meth:`PrunableModel.of` ``model``, with its token count and fixed MACs measured at ``image_size``.
+
+    The FLOPs budget must be met at the resolution the model will serve, which is the resolution it is
+    calibrated at, not necessarily ``config.image_size``: tokens grow with the image area and attention
+    with their square. ``PrunableModel.of`` measures at ``config.image_size``; at another size this
+    measures again with one forward at ``image_size`` (``interpolate_pos_encoding=True``), counted by
+    :func:`~hf_vitcompress.evaluation.count_macs` as ``of`` does, so the two agree by construction.
+    """
+    structure = PrunableModel.of(model)
+    if image_size is None or tuple(image_size) == image_size_of(model.config):
+        return structure
+    parameter = next(model.parameters())
+    pixels = torch.zeros(1, model.config.num_channels, *image_size, dtype=parameter.dtype, device=parameter.device)
+    seen: list[int] = []
+    first_block = family_for(model).blocks(model)[0]
+    handle = first_block.register_forward_pre_hook(lambda _module, args: seen.append(args[0].shape[1]))
+    try:
+        with interpolated_positions(model):
+            total = count_macs(model, pixels)
+    finally:
+        handle.remove()
+    blocks_only = dataclasses.replace(structure, tokens=seen[0], fixed_macs=0)
+    fixed = total - sum(blocks_only.block_macs(shape) for shape in structure.blocks)
+    return dataclasses.replace(structure, tokens=seen[0], fixed_macs=fixed)
 
 
 def plan_pruning(
@@ -26,15 +57,24 @@ def plan_pruning(
     config: CompressionConfig,
     batches: Iterator[torch.Tensor] | None,
     processes: CalibrationProcesses = SINGLE_PROCESS,
+    image_size: tuple[int, int] | None = None,
 ) -> tuple[PrunableModel, list[BlockPruning]]:
     """What to remove from the dense ``model`` (left unchanged) to meet ``config.target_flops_ratio``.
 
     ``batches`` are this process's share when ``processes`` has several (Taylor sums are added up).
+    ``image_size``: the resolution the budget is counted at (the calibration images'; default
+    ``config.image_size``).
     """
-    structure = PrunableModel.of(model)
+    structure = prunable_at(model, image_size)
     budget = structure.check_budget(config.target_flops_ratio, config.skip_blocks)
     if config.pruning_importance == "taylor":  # on a copy: the user's model keeps its gradients untouched
-        scores = taylor_scores(copy.deepcopy(model), structure, batches, processes)
+        scoring = copy.deepcopy(model)
+        if next(model.parameters()).dtype in (torch.float16, torch.bfloat16):
+            # The copy is made anyway; in float32 its gradients do not round the scores of small groups
+            # away (bfloat16 keeps 8 bits), so the ranking is the one the same weights get in float32.
+            scoring.float()
+        with interpolated_positions(scoring):  # calibration images of another size than config.image_size
+            scores = taylor_scores(scoring, structure, batches, processes)
     else:
         scores = magnitude_scores(model, structure)
     return structure, project_to_budget(structure, scores, budget, skip_blocks=config.skip_blocks)
