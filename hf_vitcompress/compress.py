@@ -313,5 +313,8 @@ def finish_compressed(
     }
     working.config.auto_map = family.config_class.default_auto_map()
     working.__class__ = family.compressed_class_for(original)
+    # save_pretrained writes this too, but `from_config(compressed.config)` reads it before any save: with
+    # several classes registered for one Auto class (DeiT with and without teacher) it picks the right one.
+    working.config.architectures = [working.__class__.__name__]
     working.compression_report = report
     return working

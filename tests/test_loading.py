@@ -116,6 +116,8 @@ def test_every_compressed_class_reloads_through_its_auto_class(request, tmp_path
         got, want = loaded(pixel_values=images(4)), small(pixel_values=images(4))
     key = "last_hidden_state" if auto is AutoModel else "logits"
     assert torch.equal(got[key], want[key])
+    # Before any save too: the config names its class, so from_config picks it among those registered.
+    assert type(auto.from_config(small.config)) is type(small)
 
 
 # -- 4. output_attentions / output_hidden_states as for the dense model ---------------------------------
