@@ -148,9 +148,16 @@ class HeadFactorizedAttention(nn.Module):
     def _implementation(self) -> str:
         return getattr(self.config, "_attn_implementation", None) or "eager"
 
-    def attention_matmul_width(self) -> int:
-        """Per-token width of the two attention matmuls as they run (``Σ_heads`` of the q·k and A·v widths)."""
-        if self._implementation() != "eager" and self.qk_width != self.vo_width:
+    def attention_matmul_width(self, implementation: str | None = None) -> int:
+        """Per-token width of the two attention matmuls (``Σ_heads`` of the q·k and A·v widths) as they run
+        under ``implementation`` (default: the config's current one).
+
+        Every implementation but eager zero-pads q, k and v to one head width (see ``forward``), and the
+        kernels multiply the zeros too: that is real work, counted here, so a model's MACs can differ between
+        ``attn_implementation="eager"`` and ``"sdpa"``. The padded count is never the lower one.
+        """
+        implementation = implementation or self._implementation()
+        if implementation != "eager" and self.qk_width != self.vo_width:
             return 2 * self.num_heads * max(self.qk_width, self.vo_width)
         return self.num_heads * (self.qk_width + self.vo_width)
 

@@ -32,8 +32,14 @@ def _is_attention(module: nn.Module) -> bool:
 
 
 @torch.no_grad()
-def count_macs(model: nn.Module, pixel_values: torch.Tensor) -> int:
-    """Multiply-accumulates per image of one forward pass on ``pixel_values``."""
+def count_macs(model: nn.Module, pixel_values: torch.Tensor, attn_implementation: str | None = None) -> int:
+    """Multiply-accumulates per image of one forward pass on ``pixel_values``.
+
+    ``attn_implementation`` (e.g. ``"eager"``, ``"sdpa"``) counts what the model would run under that
+    attention implementation instead of its current one: a :class:`HeadFactorizedAttention` with unequal
+    query/key and value widths zero-pads them to one width for every fused kernel but not for eager
+    attention, so the two counts differ (dense attentions cost the same under every implementation).
+    """
     total = 0
 
     def linear_hook(module: nn.Linear, args: tuple, _output: Any) -> None:
@@ -49,7 +55,7 @@ def count_macs(model: nn.Module, pixel_values: torch.Tensor) -> int:
         nonlocal total
         batch, tokens = args[0].shape[0], args[0].shape[1]
         if isinstance(module, HeadFactorizedAttention):  # what really runs: the zero-padded per-head widths
-            total += batch * tokens * tokens * module.attention_matmul_width()
+            total += batch * tokens * tokens * module.attention_matmul_width(attn_implementation)
         else:
             total += batch * tokens * tokens * (module.q_proj.out_features + module.v_proj.out_features)
 

@@ -47,7 +47,8 @@ def describe_method(config: dict[str, Any]) -> tuple[str, str]:
         return "structured pruning under a FLOPs budget", (
             f"{parts[0].upper() + parts[1:]} are removed physically (smaller weight tensors, not masks) until the "
             f"model needs at most {config.get('target_flops_ratio')} of the dense model's multiply-accumulates per "
-            "image; with PruningTrainer the structure is learned by UVC's primal-dual search with distillation, "
+            "image under any attention implementation; with PruningTrainer the structure is learned by UVC's "
+            "primal-dual search with distillation, "
             f"otherwise groups are ranked one-shot by {config.get('pruning_importance', 'magnitude')} importance."
         )
     if method != "activation_aware":
@@ -172,6 +173,27 @@ def _measured_section(report: EvaluationReport) -> dict[str, Any]:
     return section
 
 
+def _macs_sentence(macs: int, dense_macs: int, implementation: str, other_macs: int) -> str:
+    """The exact MAC counts, under each attention implementation when they differ.
+
+    The table's GMACs hide small models' differences, and a card rendered under one implementation is
+    read by users loading under another: narrowed heads are zero-padded for fused kernels (SDPA, the
+    transformers default) but not for eager attention, so both real figures are stated.
+    """
+    if macs == other_macs:
+        return (
+            f"Exactly {macs:,} of the dense model's {dense_macs:,} multiply-accumulates per image, under every "
+            "attention implementation."
+        )
+    padded, unpadded = (macs, other_macs) if implementation != "eager" else (other_macs, macs)
+    return (
+        f"Exactly {padded:,} of the dense model's {dense_macs:,} multiply-accumulates per image with "
+        '`attn_implementation="sdpa"` (the transformers default) or another fused kernel, which zero-pad narrowed '
+        f'heads to one width, and {unpadded:,} with `attn_implementation="eager"`; the table counts '
+        f'`"{implementation}"`, which this model is set to.'
+    )
+
+
 def _eval_results(report: EvaluationReport) -> list[EvalResult]:
     if not report.dataset_id:
         return []  # the Hub's model-index needs a dataset id; the table in the card still shows the numbers
@@ -291,6 +313,9 @@ def build_model_card(
     model.eval()
     try:
         macs = count_macs(model, example)
+        implementation = getattr(config, "_attn_implementation", None) or "eager"
+        other = "sdpa" if implementation == "eager" else "eager"
+        other_macs = count_macs(model, example, attn_implementation=other)
         dense = dense_architecture(model)
         dense_macs = count_macs(dense, example)
     finally:
@@ -347,6 +372,7 @@ def build_model_card(
         method_summary=summary,
         params={"dense": dense_parameters, "compressed": parameters, "ratio": parameters / dense_parameters},
         macs={"dense": dense_macs, "compressed": macs, "ratio": macs / dense_macs},
+        macs_sentence=_macs_sentence(macs, dense_macs, implementation, other_macs),
         calibration_sentence=calibration,
         compression_config_json=json.dumps(compression_config, indent=2, sort_keys=True),
         plan_rows=[_plan_row(name, layer, dense) for name, layer in plan.layers.items()],

@@ -4,7 +4,8 @@
   :class:`~hf_vitcompress.attention.HeadFactorizedAttention` holding the kept rows of ``q_proj`` /
   ``k_proj`` / ``v_proj`` and the kept columns of ``o_proj`` (removed heads at rank 0, kept heads at full
   query/key rank, the kept value dims as value/output rank, so every kept head has the same narrower
-  value width and runs without padding). Exact: the key bias only shifts every score of a query by the
+  value width, with no padding between heads; fused kernels pad it to the query/key width, which the
+  budget counts, see :mod:`.structure`). Exact: the key bias only shifts every score of a query by the
   same amount (softmax ignores it) and the kept value bias folds into the output bias because
   attention weights sum to one.
 * An MLP that lost neurons keeps the matching rows of ``fc1`` and columns of ``fc2`` (plain ``nn.Linear``).
@@ -133,7 +134,14 @@ def export_pruned(
     layers = apply_pruning(working, structure, state)
     plan = CompressionPlan(layers=layers, dense_parameters=dense_parameters, parameters=count_parameters(working))
     pruned = finish_compressed(working, model, config, plan, report, calibration_images)
+    # "macs" is what the budget was met with (a fused attention kernel, the costliest implementation);
+    # eager attention runs the narrowed value heads unpadded and costs "macs_eager".
     pruned.config.compression_provenance.update(
-        {"dense_macs": structure.dense_macs, "macs": structure.macs(state), **(provenance or {})}
+        {
+            "dense_macs": structure.dense_macs,
+            "macs": structure.macs(state),
+            "macs_eager": structure.macs(state, padded=False),
+            **(provenance or {}),
+        }
     )
     return pruned

@@ -241,7 +241,7 @@ class UVCController(CompressionController):
 
     def _selected(self, b: int, kind: str) -> torch.Tensor:
         column = KINDS.index(kind)
-        count = int(float(self.fractions[b, column] * self.sizes[b, column]))
+        count = int(float(self.fractions[b, column].detach() * self.sizes[b, column]))
         return self._orders[b][kind] < count
 
     def _shrink(self, model: nn.Module, factor: float) -> float:

@@ -5,13 +5,24 @@ Three kinds of groups per encoder block, plus the block itself:
 * a **head**: its rows of ``q_proj`` / ``k_proj`` / ``v_proj`` and its columns of ``o_proj``;
 * a **value dim** inside a head: one row of ``v_proj`` and the matching column of ``o_proj``. Every kept
   head of a block keeps the same number of value dims (each its own best ones), so the pruned attention
-  runs as a plain multi-head attention with a narrower value head, without padding;
+  runs as a plain multi-head attention with a narrower value head, without padding between heads;
 * an **MLP neuron**: one row of ``fc1`` and the matching column of ``fc2``;
 * the **block**: skipped entirely (the residual stream passes through).
 
 MACs are counted the way :func:`hf_vitcompress.evaluation.count_macs` counts a real forward pass (every
 linear and convolution and both attention matmuls); the fixed part outside the blocks (patch embedding,
 pooler, classifier) is *measured* with it once, so the two counts agree by construction.
+
+The budget is counted for the costliest attention implementation, whichever one is active while
+pruning. A pruned attention keeps full-width query/key heads and narrower value heads; fused kernels
+(SDPA, the transformers default, and flash attention) need one head width, so
+:class:`~hf_vitcompress.attention.HeadFactorizedAttention` zero-pads the value heads and the A·V matmul
+then costs the full head width, while eager attention runs it at the value width. A checkpoint is
+loaded with whatever implementation its user picks (SDPA unless told otherwise), so counting the
+eager cost for a model pruned under eager attention let it run over its budget after a reload (5.2 %
+over in issue 14's report). Counting the padded cost makes the budget hold under every implementation;
+eager attention then runs a little below it. (Not padding is no way out: with unequal widths SDPA falls
+back to its math path, 1.5-2x slower than the padded fused kernel on CPU, ``benchmarks/sdpa_padding.py``.)
 """
 
 from __future__ import annotations
@@ -67,7 +78,6 @@ class PrunableModel:
     hidden: int
     tokens: int
     fixed_macs: int
-    padded_values: bool = True
     dense_macs: int = field(init=False)
 
     def __post_init__(self) -> None:
@@ -105,20 +115,22 @@ class PrunableModel:
         finally:
             handle.remove()
         hidden = blocks[0].attention.q_proj.in_features
-        padded = (getattr(config, "_attn_implementation", None) or "eager") != "eager"
-        partial = cls([], [], hidden, seen[0], 0, padded)
-        fixed = total - sum(partial.block_macs(shape) for shape in shapes)
-        return cls([f"{prefix}.{i}" for i in range(len(blocks))], shapes, hidden, seen[0], fixed, padded)
+        partial = cls([], [], hidden, seen[0], 0)
+        fixed = total - sum(partial.block_macs(shape) for shape in shapes)  # dense blocks cost the same everywhere
+        return cls([f"{prefix}.{i}" for i in range(len(blocks))], shapes, hidden, seen[0], fixed)
 
     # -- MACs --------------------------------------------------------------------------------------
-    def attention_macs(self, heads: Any, head_dim: Any, value_dim: Any) -> Any:
+    def attention_macs(self, heads: Any, head_dim: Any, value_dim: Any, padded: bool = True) -> Any:
         """Q and K projections, V and O, and both attention matmuls (works on floats and tensors).
 
-        With a fused attention kernel (SDPA, the transformers default) narrower value heads are zero-padded
-        to the query/key width, so the A·V matmul costs the full head width; only eager attention saves it.
+        ``padded`` (the default, what budgets are counted with): the cost under a fused attention kernel
+        (SDPA, the transformers default), which zero-pads narrower value heads to the query/key width, so
+        the A·V matmul costs the full head width. ``padded=False``: the cost under eager attention, which
+        runs it at the value width. The padded cost is never lower, so a budget met with it holds under
+        every implementation (see the module docstring).
         """
         n, d = self.tokens, self.hidden
-        attention_values = head_dim if self.padded_values else value_dim
+        attention_values = head_dim if padded else value_dim
         return heads * (2 * n * d * head_dim + n * n * head_dim) + heads * (
             2 * n * d * value_dim + n * n * attention_values
         )
@@ -133,12 +145,13 @@ class PrunableModel:
     def block_macs(self, shape: BlockShape) -> int:
         return self.attention_macs(shape.heads, shape.head_dim, shape.head_dim) + self.mlp_macs(shape.neurons)
 
-    def macs(self, state: list[BlockPruning]) -> int:
-        """MACs per image of the model pruned as ``state`` says."""
+    def macs(self, state: list[BlockPruning], padded: bool = True) -> int:
+        """MACs per image of the model pruned as ``state`` says: by default under a fused attention kernel
+        (the most it costs under any implementation); ``padded=False``: under eager attention."""
         total = self.fixed_macs
         for shape, block in zip(self.blocks, state, strict=True):
             if not block.skipped:
-                total += self.attention_macs(len(block.heads), shape.head_dim, block.value_dim)
+                total += self.attention_macs(len(block.heads), shape.head_dim, block.value_dim, padded)
                 total += self.mlp_macs(len(block.neurons))
         return total
 
