@@ -22,7 +22,7 @@ from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 from torch import nn
 
-from .calibration.data import image_size_of
+from .calibration.data import image_size_of, interpolated_positions
 from .data import DEFAULT_MODEL_DIR
 from .evaluation import EvaluationReport, count_macs, dense_architecture
 from .plan import CompressionPlan, count_parameters
@@ -173,7 +173,9 @@ def _measured_section(report: EvaluationReport) -> dict[str, Any]:
     return section
 
 
-def _macs_sentence(macs: int, dense_macs: int, implementation: str, other_macs: int) -> str:
+def _macs_sentence(
+    macs: int, dense_macs: int, implementation: str, other_macs: int, image_size: tuple[int, int]
+) -> str:
     """The exact MAC counts, under each attention implementation when they differ.
 
     The table's GMACs hide small models' differences, and a card rendered under one implementation is
@@ -182,12 +184,13 @@ def _macs_sentence(macs: int, dense_macs: int, implementation: str, other_macs: 
     """
     if macs == other_macs:
         return (
-            f"Exactly {macs:,} of the dense model's {dense_macs:,} multiply-accumulates per image, under every "
-            "attention implementation."
+            f"Exactly {macs:,} of the dense model's {dense_macs:,} multiply-accumulates per "
+            f"{image_size[0]}x{image_size[1]} image, under every attention implementation."
         )
     padded, unpadded = (macs, other_macs) if implementation != "eager" else (other_macs, macs)
     return (
-        f"Exactly {padded:,} of the dense model's {dense_macs:,} multiply-accumulates per image with "
+        f"Exactly {padded:,} of the dense model's {dense_macs:,} multiply-accumulates per {image_size[0]}x{image_size[1]} "
+        "image with "
         '`attn_implementation="sdpa"` (the transformers default) or another fused kernel, which zero-pad narrowed '
         f'heads to one width, and {unpadded:,} with `attn_implementation="eager"`; the table counts '
         f'`"{implementation}"`, which this model is set to.'
@@ -306,18 +309,20 @@ def build_model_card(
         report = None
 
     parameter = next(model.parameters())
-    example = torch.zeros(
-        1, config.num_channels, *image_size_of(config), dtype=parameter.dtype, device=parameter.device
-    )
+    # Counted at the resolution the compression counted its budget at (pruning calibrated at another size
+    # than config.image_size records it), else at config.image_size; the card names it.
+    image_size = tuple(provenance.get("macs_image_size") or image_size_of(config))
+    example = torch.zeros(1, config.num_channels, *image_size, dtype=parameter.dtype, device=parameter.device)
     was_training = model.training
     model.eval()
     try:
-        macs = count_macs(model, example)
-        implementation = getattr(config, "_attn_implementation", None) or "eager"
-        other = "sdpa" if implementation == "eager" else "eager"
-        other_macs = count_macs(model, example, attn_implementation=other)
         dense = dense_architecture(model)
-        dense_macs = count_macs(dense, example)
+        with interpolated_positions(model), interpolated_positions(dense):
+            macs = count_macs(model, example)
+            implementation = getattr(config, "_attn_implementation", None) or "eager"
+            other = "sdpa" if implementation == "eager" else "eager"
+            other_macs = count_macs(model, example, attn_implementation=other)
+            dense_macs = count_macs(dense, example)
     finally:
         model.train(was_training)
     parameters = count_parameters(model)
@@ -372,7 +377,7 @@ def build_model_card(
         method_summary=summary,
         params={"dense": dense_parameters, "compressed": parameters, "ratio": parameters / dense_parameters},
         macs={"dense": dense_macs, "compressed": macs, "ratio": macs / dense_macs},
-        macs_sentence=_macs_sentence(macs, dense_macs, implementation, other_macs),
+        macs_sentence=_macs_sentence(macs, dense_macs, implementation, other_macs, image_size),
         calibration_sentence=calibration,
         compression_config_json=json.dumps(compression_config, indent=2, sort_keys=True),
         plan_rows=[_plan_row(name, layer, dense) for name, layer in plan.layers.items()],

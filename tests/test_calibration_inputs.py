@@ -205,3 +205,21 @@ def test_search_ranks_cli_help_says_it_refactorizes(capsys):
         build_parser().parse_args(["search-ranks", "--help"])
     help_text = " ".join(capsys.readouterr().out.split())
     assert "re-factorized" in help_text and "--calibration" in help_text
+
+
+def test_the_card_counts_macs_at_the_resolution_the_budget_was_counted_at():
+    """Pruned on 24-px images, the budget is 24-px MACs: the card must state those, not 16-px ones."""
+    from hf_vitcompress.calibration.data import interpolated_positions
+    from hf_vitcompress.evaluation import count_macs
+    from hf_vitcompress.hub import build_model_card
+
+    pruned = compress(tiny_vit(), METHODS["pruning_magnitude"], _images(24), progress=False)
+    assert pruned.config.compression_provenance["macs_image_size"] == [24, 24]
+    with interpolated_positions(pruned):
+        at_24 = count_macs(pruned, _images(24, count=1))
+    at_16 = count_macs(pruned, _images(16, count=1))
+    assert at_24 != at_16
+    card = str(build_model_card(pruned))
+    assert f"Exactly {at_24:,} of the dense model's" in card
+    assert "per 24x24 image" in card
+    assert f"{at_16:,}" not in card
