@@ -4,6 +4,12 @@ import os
 import tempfile
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # read when kernels are decorated: set before any import
+# libgomp's default spin-then-sleep wait makes MKL's small LAPACK calls (the QR/SVD of every head product, the
+# Cholesky of every Gram) hundreds of times slower when another process competes for the two cores: a 129x32 QR
+# took 0.39 s instead of 60 us, and tests/test_quality_retention.py 80 s instead of 10 s on a busy machine.
+# GEMM speed measured the same with it. Read when OpenMP starts: set before torch is imported (an
+# OMP_WAIT_POLICY already in the environment wins).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"

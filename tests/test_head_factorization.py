@@ -263,6 +263,33 @@ def test_rank_search_respects_the_budget_and_keeps_other_layers(pixels):
         )
 
 
+def test_rank_search_learns_its_preferences(pixels):
+    """The search moves the choice logits: a budget the starting preferences overshoot is met by learning (the
+    expected parameter count falls to it), and the ranks differ from those of the starting preferences (which
+    the projection alone turns into every query·key product at rank 1). With a zero learning rate neither holds."""
+    from hf_vitcompress import CompressionConfig, compress, search_ranks
+
+    dense = tiny_vit()
+    small = compress(
+        dense, CompressionConfig(method="head_factorization", target_param_ratio=0.6), pixels, progress=False
+    )
+    labels = torch.arange(len(pixels)) % 5
+    data = [{"pixel_values": pixels[i : i + 16], "labels": labels[i : i + 16]} for i in range(0, 48, 16)]
+    searched = search_ranks(small, dense, data, steps=30, target_param_ratio=0.5, progress=False)  # default lr
+    unsearched = search_ranks(small, dense, data, steps=0, target_param_ratio=0.5, progress=False)
+    target = 0.5 * small.compression_plan.dense_parameters
+    expected = [h["expected_parameters"] / target for h in searched.rank_search.history]
+    first, last = sum(expected[:5]) / 5, sum(expected[-5:]) / 5
+    # measured: 1.174 of the budget over the first five steps, 1.015 over the last five (1.18 -> 1.20 at lr 0)
+    assert first > 1.1 and last < 1.06 and last < 0.92 * first
+    assert (searched.rank_search.qk_ranks, searched.rank_search.vo_ranks) != (
+        unsearched.rank_search.qk_ranks,
+        unsearched.rank_search.vo_ranks,
+    )
+    assert all(r >= 2 for ranks in searched.rank_search.qk_ranks.values() for r in ranks)
+    assert all(r >= 2 for ranks in searched.rank_search.vo_ranks.values() for r in ranks)
+
+
 def test_head_factorized_model_trains_with_distillation(tmp_path, pixels):
     from transformers import AutoModelForImageClassification
 

@@ -261,6 +261,49 @@ def test_deit_with_distillation_token_trains_both_heads(tmp_path, pixels):
     assert any(n.startswith("distillation_classifier") for n in changed)
 
 
+def test_deit_class_head_learns_from_labels_and_distillation_head_from_the_teacher(tmp_path, pixels):
+    """DeiT's two heads are not interchangeable: cross-entropy on the labels trains ``cls_classifier`` only, the
+    distillation term ``distillation_classifier`` only (a swap would still train both, on the wrong targets)."""
+    from transformers import DeiTConfig, DeiTForImageClassificationWithTeacher
+
+    from .conftest import TINY
+
+    torch.manual_seed(0)
+    student = compress(
+        DeiTForImageClassificationWithTeacher(DeiTConfig(**TINY, num_labels=5)).eval(),
+        STUDENT_CONFIG,
+        pixels,
+        progress=False,
+    )
+    teacher = tiny_deit()
+    batch = {"pixel_values": pixels[:16], "labels": torch.arange(16) % 5}
+    with torch.no_grad():
+        outputs = student(pixel_values=batch["pixel_values"])
+        teacher_logits = teacher(pixel_values=batch["pixel_values"]).logits
+    # The two heads disagree on this batch, so a swapped loss has a different value, not only other gradients.
+    assert not torch.allclose(outputs.cls_logits, outputs.distillation_logits, atol=1e-3)
+    expected = {
+        0.0: F.cross_entropy(outputs.cls_logits, batch["labels"]),
+        1.0: distillation_loss(outputs.distillation_logits, teacher_logits, "soft", 2.0),
+    }
+    for alpha, trained, untouched in (
+        (0.0, "cls_classifier", "distillation_classifier"),
+        (1.0, "distillation_classifier", "cls_classifier"),
+    ):
+        trainer = DistillationTrainer(
+            model=student,
+            teacher=teacher,
+            args=make_args(tmp_path, alpha=alpha, temperature=2.0),
+            train_dataset=make_dataset(pixels),
+        )
+        student.zero_grad(set_to_none=True)
+        loss = trainer.compute_loss(student, dict(batch))
+        torch.testing.assert_close(loss, expected[alpha])
+        loss.backward()
+        assert student.get_submodule(trained).weight.grad.abs().sum() > 0
+        assert student.get_submodule(untouched).weight.grad is None
+
+
 def test_evaluate_reports_teacher_and_records_measurement(tmp_path, pair, pixels):
     student, teacher = pair
     trainer = DistillationTrainer(
