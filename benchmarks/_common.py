@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -58,6 +59,40 @@ def resident_memory_mb() -> float:
     except OSError:
         pass
     return float("nan")
+
+
+def run_environment() -> dict:
+    """Where and on what code a benchmark ran: device, threads, torch, and the git commit of the library
+    (with ``+uncommitted`` when ``hf_vitcompress/`` differs from it), so a recorded figure names its code."""
+    import platform
+    import subprocess
+
+    import torch
+
+    def git(*arguments: str) -> str:
+        try:
+            return subprocess.run(
+                ["git", *arguments], cwd=HERE.parent, capture_output=True, text=True, check=True
+            ).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            return ""
+
+    commit = git("rev-parse", "--short=12", "HEAD") or "unknown"
+    dirty = bool(git("status", "--porcelain", "--", "hf_vitcompress"))
+    code = commit + (" +uncommitted changes in hf_vitcompress/" if dirty else "")
+    threads = torch.get_num_threads()
+    try:
+        load = os.getloadavg()[0]  # other work on the machine slows timings: say how busy it was
+    except OSError:
+        load = float("nan")
+    return {
+        "device": f"CPU ({platform.machine()}, {threads} threads)",
+        "torch": torch.__version__,
+        "code": code,
+        "load_average_1min_at_start": load,
+        "description": f"CPU, {threads} threads, torch {torch.__version__}, code {code}, "
+        f"1-min load average {load:.1f} at the start",
+    }
 
 
 def update_results_file(name: str, section: str, path: Path = HERE / "RESULTS.md") -> None:

