@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
@@ -109,3 +110,14 @@ def update_results_file(name: str, section: str, path: Path = HERE / "RESULTS.md
     else:
         text = text.rstrip() + "\n\n" + block + "\n"
     path.write_text(text)
+
+
+def record_results(name: str, json_path: str | Path, render_only: bool, run, markdown) -> None:
+    """Run a benchmark (or, with ``render_only``, reload its JSON), write the JSON, print its table and put it
+    in RESULTS.md: the one way every recorded benchmark stores what it measured."""
+    results = json.loads(Path(json_path).read_text()) if render_only else run()
+    if not render_only:
+        Path(json_path).write_text(json.dumps(results, indent=2) + "\n")
+    text = markdown(results)
+    print(text)
+    update_results_file(name, text)

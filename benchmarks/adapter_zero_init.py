@@ -13,11 +13,9 @@ differently), and after disabling the adapters again (the original processors: m
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 
 import torch
-from _common import HERE, run_environment, update_results_file
+from _common import HERE, record_results, run_environment
 
 COMMAND = "python benchmarks/adapter_zero_init.py"
 
@@ -90,12 +88,7 @@ def main() -> None:
     parser.add_argument("--json", default=str(HERE / "adapter_zero_init.json"))
     parser.add_argument("--render", action="store_true", help="only rebuild the RESULTS.md section from --json")
     args = parser.parse_args()
-    results = json.loads(Path(args.json).read_text()) if args.render else run(args)
-    if not args.render:
-        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
-    text = markdown(results)
-    print(text)
-    update_results_file("adapter_zero_init", text)
+    record_results("adapter_zero_init", args.json, args.render, lambda: run(args), markdown)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ checkpoints and compares their plans (every layer's rank) and their logits on th
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -20,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import HERE, run_environment, update_results_file
+from _common import HERE, record_results, run_environment
 
 COMMAND = "python benchmarks/distributed_equivalence.py"
 RATIO = "0.5"
@@ -113,12 +112,7 @@ def main() -> None:
     parser.add_argument("--json", default=str(HERE / "distributed_equivalence.json"))
     parser.add_argument("--render", action="store_true", help="only rebuild the RESULTS.md section from --json")
     args = parser.parse_args()
-    results = json.loads(Path(args.json).read_text()) if args.render else run()
-    if not args.render:
-        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
-    text = markdown(results)
-    print(text)
-    update_results_file("distributed_equivalence", text)
+    record_results("distributed_equivalence", args.json, args.render, lambda: run(), markdown)
 
 
 if __name__ == "__main__":

@@ -18,12 +18,10 @@ The first minus the second is the cost of the two redundant Gram updates.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
-from pathlib import Path
 
-from _common import HERE, run_environment, update_results_file, vit_b
+from _common import HERE, record_results, run_environment, vit_b
 
 COMMAND = "python benchmarks/qkv_gram_cost.py"
 
@@ -110,12 +108,7 @@ def main() -> None:
     parser.add_argument("--json", default=str(HERE / "qkv_gram_cost.json"))
     parser.add_argument("--render", action="store_true", help="only rebuild the RESULTS.md section from --json")
     args = parser.parse_args()
-    results = json.loads(Path(args.json).read_text()) if args.render else run(args)
-    if not args.render:
-        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
-    text = markdown(results)
-    print(text)
-    update_results_file("qkv_gram_cost", text)
+    record_results("qkv_gram_cost", args.json, args.render, lambda: run(args), markdown)
 
 
 if __name__ == "__main__":

@@ -13,14 +13,12 @@ are also compared (the padding must not change the result).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from _common import HERE, run_environment, update_results_file
+from _common import HERE, record_results, run_environment
 
 COMMAND = "python benchmarks/sdpa_padding.py"
 
@@ -101,12 +99,7 @@ def main() -> None:
     parser.add_argument("--json", default=str(HERE / "sdpa_padding.json"))
     parser.add_argument("--render", action="store_true", help="only rebuild the RESULTS.md section from --json")
     args = parser.parse_args()
-    results = json.loads(Path(args.json).read_text()) if args.render else run(args)
-    if not args.render:
-        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
-    text = markdown(results)
-    print(text)
-    update_results_file("sdpa_padding", text)
+    record_results("sdpa_padding", args.json, args.render, lambda: run(args), markdown)
 
 
 if __name__ == "__main__":
