@@ -43,7 +43,8 @@ from hf_vitcompress.cli import load_examples, load_model
 from hf_vitcompress.data import DEFAULT_MODEL_DIR, ExampleDataset, iterate_batches, load_fashion_mnist
 from hf_vitcompress.evaluation import topk_accuracies
 from hf_vitcompress.layers import LowRankLinear
-from hf_vitcompress.methods.activation_aware.method import _candidate, _factorize, _install
+from hf_vitcompress.methods.activation_aware.method import _install
+from hf_vitcompress.methods.activation_aware.selection import Factorization, factorize_layers, rank_candidate
 from hf_vitcompress.methods.head_factorization.factorization import factorize_attention, install_head_factorized
 from hf_vitcompress.methods.head_factorization.method import _head_candidates, head_ranks
 from hf_vitcompress.plan import CompressionPlan, LayerPlan, count_parameters
@@ -86,9 +87,9 @@ def separate_projections(base, dense, names, statistics, budget):
     model = copy.deepcopy(base)
     targets = [f"{n}.{p}" for n in names for p in PROJECTIONS]
     shared = {t: statistics[t.rsplit(".", 1)[0] + (".o_proj" if t.endswith("o_proj") else ".q_proj")] for t in targets}
-    config = CompressionConfig(compensation_rank=0)
-    svds = _factorize(dense, targets, shared, config)
-    candidates = [_candidate(t, dense.get_submodule(t), svds[t], "relative") for t in targets]
+    config = CompressionConfig(whitening="gram", compensation_rank=0)
+    svds = factorize_layers(dense, targets, shared, Factorization(config.whitening), config)
+    candidates = [rank_candidate(t, dense.get_submodule(t), svds[t], "relative") for t in targets]
     biases = sum(dense.get_submodule(t).out_features for t in targets)
     ranks = allocate_global(candidates, budget - biases)
     layers = {}

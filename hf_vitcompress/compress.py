@@ -16,7 +16,7 @@ from .calibration.distributed import CalibrationProcesses
 from .configuration import CompressionConfig
 from .families import FamilyAdapter, family_for
 from .layers import LowRankLinear
-from .methods.activation_aware.method import compress_activation_aware, needs_calibration
+from .methods.activation_aware.method import compress_activation_aware, index_calibration_stream, needs_calibration
 from .methods.head_factorization.method import ATTENTION_PROJECTIONS, compress_head_factorization
 from .methods.pruning.export import export_pruned
 from .methods.pruning.method import plan_pruning
@@ -224,7 +224,10 @@ def compress(
         source = counted(checked_batches(config.calibration_samples))
         with processes.together("reading the calibration data"):
             first = next(source)  # checks the data (and learns its resolution) before any model work
-        batches = processes.shard(itertools.chain([first], source))  # every process counts all images
+        stream = itertools.chain([first], source)
+        if config.method == "activation_aware":  # held-out images and stream positions, the same for any process count
+            stream = index_calibration_stream(stream, config)
+        batches = processes.shard(stream)  # every process counts all images
     elif config.method == "pruning" and calibration_data is not None:  # magnitude: only the images' size
         image_sizes.append(tuple(next(checked_batches(1)).shape[-2:]))
 

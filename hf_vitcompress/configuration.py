@@ -9,8 +9,9 @@ from typing import Any
 
 SUPPORTED_METHODS = ("activation_aware", "head_factorization", "pruning")
 IMPORTANCE_CHOICES = ("magnitude", "taylor")
-WHITENING_CHOICES = ("gram", "diagonal", "none")
-ALLOCATION_CHOICES = ("global", "uniform")
+WHITENING_CHOICES = ("auto", "gram", "diagonal", "none")
+ALLOCATION_CHOICES = ("auto", "global", "uniform")
+LOSS_WEIGHTING_CHOICES = ("auto", "none", "fisher")
 NORMALIZATION_CHOICES = ("relative", "absolute")
 
 
@@ -19,8 +20,11 @@ class CompressionConfig:
     """What to compress and how hard. Validated on construction; round-trips through dict and JSON.
 
     The *plan* (what the method decided per module) is separate: see :class:`~hf_vitcompress.CompressionPlan`.
-    The defaults of the activation-aware options are the combination that won the measurements in
-    ``benchmarks/RESULTS.md`` (see ``benchmarks/lowrank_quality.py``).
+    The activation-aware defaults leave the factorization to measurement: with ``whitening``,
+    ``rank_allocation`` and ``loss_weighting`` at ``"auto"``, every combination is tried and the one with
+    the lowest output error on held-out calibration images is kept (``compression_plan["selection"]``
+    records every candidate's score), because the best fixed setting differs between real models
+    (``benchmarks/lowrank_quality.py``, ``benchmarks/RESULTS.md``).
     """
 
     method: str = field(default="activation_aware", metadata={"help": f"One of {SUPPORTED_METHODS}."})
@@ -86,10 +90,32 @@ class CompressionConfig:
     )
     calibration_samples: int = field(default=512, metadata={"help": "Number of calibration images used (at most)."})
     whitening: str = field(
-        default="gram",
+        default="auto",
         metadata={
             "help": "'gram': full activation whitening (Cholesky of XᵀX); 'diagonal': ASVD-style per-channel "
-            "scaling; 'none': plain weight SVD."
+            "scaling; 'none': plain weight SVD; 'auto': each is tried and the lowest held-out output error wins "
+            "(head_factorization: 'auto' means 'gram')."
+        },
+    )
+    loss_weighting: str = field(
+        default="auto",
+        metadata={
+            "help": "method='activation_aware': 'fisher' weights each output channel's error by how much it "
+            "reaches the model's output (a Fisher diagonal from label-free backward passes, "
+            "sensitivity_samples images), which also makes global allocation loss-aware; 'none' does not; "
+            "'auto' tries both."
+        },
+    )
+    sensitivity_samples: int = field(
+        default=128,
+        metadata={"help": "Calibration images given a backward pass for the Fisher output weights."},
+    )
+    validation_interval: int = field(
+        default=8,
+        metadata={
+            "help": "When anything is 'auto': one calibration image in every validation_interval is held out of "
+            "the statistics and the candidates are scored by the model's output error on those images (KL of "
+            "the logits for a classifier, relative error of last_hidden_state for a backbone)."
         },
     )
     gram_shrinkage: float = field(
@@ -101,16 +127,19 @@ class CompressionConfig:
         metadata={"help": "Ridge added to the Gram, relative to its mean diagonal (keeps Cholesky stable)."},
     )
     rank_allocation: str = field(
-        default="global",
+        default="auto",
         metadata={
-            "help": "'global': mixed ranks chosen across all layers to minimize error; 'uniform': same relative rank."
+            "help": "'global': mixed ranks chosen across all layers to minimize the summed error (the true output "
+            "error of each layer, from its Gram; Fisher-weighted with loss_weighting='fisher'); 'uniform': the "
+            "same relative rank everywhere; 'auto': both are tried (head_factorization: 'auto' means 'global')."
         },
     )
     error_normalization: str = field(
         default="relative",
         metadata={
-            "help": "How layer errors are compared in global allocation: 'relative' (discarded energy / layer output "
-            "energy) or 'absolute' (mean squared output error per token)."
+            "help": "How layer errors are compared in global allocation without Fisher weights: 'relative' (output "
+            "error / layer output energy) or 'absolute' (mean squared output error per token). Fisher-weighted "
+            "errors are already in units of the model's output error and are compared as they are."
         },
     )
     sequential: bool = field(
@@ -123,8 +152,9 @@ class CompressionConfig:
         default=None,
         metadata={
             "help": "Rank of the trained error-compensation residual per layer, part of the layer's rank (0 disables "
-            "the stage; it then keeps only Gram matrices in memory instead of one block's activations). Default: 8 "
-            "for activation_aware, 0 for head_factorization (which does not support it yet)."
+            "the stage; it then keeps only Gram matrices in memory instead of one block's activations). Default 0: "
+            "measured on real models it costs 5-9x the compression time for no reliable gain in output error "
+            "(benchmarks/RESULTS.md)."
         },
     )
     compensation_epochs: int = field(default=4, metadata={"help": "Passes over the calibration set per layer group."})
@@ -163,19 +193,24 @@ class CompressionConfig:
             if self.target_param_ratio is None:
                 self.target_param_ratio = 0.5
         if self.compensation_rank is None:
-            self.compensation_rank = 8 if self.method == "activation_aware" else 0
+            self.compensation_rank = 0
         if self.method == "head_factorization":
+            # one-shot Gram-whitened with global allocation is what it supports; "auto" means exactly that
+            self.whitening = "gram" if self.whitening == "auto" else self.whitening
+            self.rank_allocation = "global" if self.rank_allocation == "auto" else self.rank_allocation
+            self.loss_weighting = "none" if self.loss_weighting == "auto" else self.loss_weighting
             unsupported = {
                 "sequential=True": self.sequential,
                 f"compensation_rank={self.compensation_rank}": self.compensation_rank > 0,
                 f"whitening={self.whitening!r}": self.whitening == "diagonal",
                 f"rank_allocation={self.rank_allocation!r}": self.rank_allocation != "global",
+                f"loss_weighting={self.loss_weighting!r}": self.loss_weighting != "none",
             }
             chosen = [name for name, used in unsupported.items() if used]
             if chosen:
                 raise ValueError(
                     f"method='head_factorization' does not support {', '.join(chosen)} yet (it factorizes one-shot "
-                    "with whitening 'gram' or 'none' and global rank allocation)."
+                    "with whitening 'gram' or 'none', global rank allocation and no loss weighting)."
                 )
         if self.target_param_ratio is not None:
             _check_ratio("target_param_ratio", self.target_param_ratio)
@@ -192,13 +227,19 @@ class CompressionConfig:
         _check_choice("whitening", self.whitening, WHITENING_CHOICES)
         _check_choice("rank_allocation", self.rank_allocation, ALLOCATION_CHOICES)
         _check_choice("error_normalization", self.error_normalization, NORMALIZATION_CHOICES)
+        _check_choice("loss_weighting", self.loss_weighting, LOSS_WEIGHTING_CHOICES)
         if not 0.0 <= self.gram_shrinkage <= 1.0:
             raise ValueError(f"gram_shrinkage must be in [0, 1], got {self.gram_shrinkage}.")
         if self.damping < 0:
             raise ValueError(f"damping must be >= 0, got {self.damping}.")
-        for name in ("calibration_samples",):
+        for name in ("calibration_samples", "sensitivity_samples"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
+        if isinstance(self.validation_interval, bool) or int(self.validation_interval) < 2:
+            raise ValueError(
+                f"validation_interval must be an integer >= 2 (one image in that many is held out), got "
+                f"{self.validation_interval!r}."
+            )
         if self.compensation_rank < 0 or self.compensation_epochs < 0 or self.compensation_lr <= 0:
             raise ValueError(
                 "compensation_rank and compensation_epochs must be >= 0 and compensation_lr > 0, got "

@@ -30,8 +30,9 @@ from .plan import CompressionPlan, count_parameters
 TEMPLATE_PATH = Path(__file__).resolve().parent / "model_cards" / "template.md"
 
 
-def describe_method(config: dict[str, Any]) -> tuple[str, str]:
-    """A title and one paragraph saying what was done, from the saved ``compression_config``."""
+def describe_method(config: dict[str, Any], selection: dict[str, Any] | None = None) -> tuple[str, str]:
+    """A title and one paragraph saying what was done, from the saved ``compression_config`` and, where the
+    factorization was chosen by measurement, the plan's ``selection`` record."""
     method = config.get("method", "unknown")
     if method == "head_factorization":
         return "head-level attention factorization (COMCAT-style)", (
@@ -53,19 +54,28 @@ def describe_method(config: dict[str, Any]) -> tuple[str, str]:
         )
     if method != "activation_aware":
         return method, ""
+    chosen = {**config, **((selection or {}).get("chosen") or {})}
     whitening = {
         "gram": "an SVD whitened with the calibration activations' Gram matrix",
         "diagonal": "an SVD scaled by per-channel activation magnitudes (ASVD-style)",
         "none": "a plain SVD of the weights",
-    }[config.get("whitening", "gram")]
+    }.get(chosen.get("whitening", "gram"), "an SVD")
+    if chosen.get("loss_weighting") == "fisher":
+        whitening += ", each output channel weighted by its Fisher sensitivity (how much its error reaches the output)"
     allocation = (
         "allocated across layers under one global parameter budget"
-        if config.get("rank_allocation", "global") == "global"
+        if chosen.get("rank_allocation", "global") == "global"
         else "the same fraction of each layer's rank"
     )
     text = (
         f"Each selected linear layer is replaced by a pair of thin linears found by {whitening}; ranks are {allocation}"
     )
+    if selection and selection.get("candidates"):
+        text = (
+            f"{text} (chosen among {len(selection['candidates'])} factorizations as the lowest "
+            f"{str(selection.get('metric', 'output error')).replace('_', ' ')} on {selection.get('held_out_images')} "
+            "held-out calibration images)"
+        )
     if config.get("compensation_rank", 0):
         text += f", and a rank-{config['compensation_rank']} learned residual compensates the remaining error"
     return "activation-aware mixed-rank factorization", text + "."
@@ -297,7 +307,7 @@ def build_model_card(
     compression_config = dict(config.compression_config or {})
     provenance = dict(getattr(config, "compression_provenance", None) or {})
     method = compression_config.get("method", "unknown")
-    title, summary = describe_method(compression_config)
+    title, summary = describe_method(compression_config, plan.selection)
 
     report = report if report is not None else getattr(model, "evaluation_report", None)
     variables: dict[str, Any] = {}

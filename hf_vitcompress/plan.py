@@ -113,6 +113,9 @@ class CompressionPlan:
     parameters: int = 0
     version: int = PLAN_VERSION
     tuning: dict[str, Any] | None = None  # what hf_vitcompress.tune measured and decided, on which device
+    # how the factorization was chosen when the config left it to measurement: every candidate's held-out
+    # output error and the winner (read by people and model cards, never needed to rebuild the model)
+    selection: dict[str, Any] | None = None
 
     @property
     def param_ratio(self) -> float:
@@ -127,6 +130,7 @@ class CompressionPlan:
             "parameters": self.parameters,
             "layers": {name: layer.to_dict() for name, layer in self.layers.items()},
             **({"tuning": self.tuning} if self.tuning is not None else {}),
+            **({"selection": self.selection} if self.selection is not None else {}),
         }
 
     @classmethod
@@ -145,6 +149,7 @@ class CompressionPlan:
             parameters=int(data.get("parameters", 0)),
             version=version,
             tuning=data.get("tuning"),
+            selection=data.get("selection"),
         )
 
 

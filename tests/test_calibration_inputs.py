@@ -28,7 +28,7 @@ from .conftest import TINY, tiny_deit, tiny_vit
 
 FAST = dict(calibration_samples=16)
 METHODS = {
-    "activation_aware": CompressionConfig(target_param_ratio=0.7, compensation_epochs=1, **FAST),
+    "activation_aware": CompressionConfig(target_param_ratio=0.7, compensation_rank=8, compensation_epochs=1, **FAST),
     "sequential": CompressionConfig(target_param_ratio=0.7, sequential=True, compensation_rank=0, **FAST),
     "head_factorization": CompressionConfig(method="head_factorization", target_param_ratio=0.7, **FAST),
     "pruning_magnitude": CompressionConfig(method="pruning", target_flops_ratio=0.7),

@@ -152,7 +152,7 @@ def test_sequential_mode_uses_compressed_activations(pixels):
 def test_plain_svd_needs_no_calibration_data():
     small = compress(
         tiny_vit(),
-        CompressionConfig(target_param_ratio=0.5, whitening="none", compensation_rank=0),
+        CompressionConfig(target_param_ratio=0.5, whitening="none", rank_allocation="global", loss_weighting="none"),
         None,
         progress=False,
     )
@@ -286,9 +286,9 @@ def _summed_relative_output_error(dense, small, pixels):
 
 
 def test_global_allocation_through_compress_gives_mixed_ranks_and_lower_error(pixels):
-    config = dict(target_param_ratio=0.5, compensation_rank=0)
+    config = dict(target_param_ratio=0.5, whitening="gram", loss_weighting="none")
     dense = _layers_of_different_spectra()
-    global_ = compress(dense, CompressionConfig(**config), pixels, progress=False)
+    global_ = compress(dense, CompressionConfig(**config, rank_allocation="global"), pixels, progress=False)
     uniform = compress(dense, CompressionConfig(**config, rank_allocation="uniform"), pixels, progress=False)
     assert global_.compression_plan.parameters == pytest.approx(uniform.compression_plan.parameters, abs=2 * 48 + 1)
 

@@ -19,8 +19,8 @@ CONFIGS = {
     "sequential": dict(target_param_ratio=0.6, sequential=True, compensation_rank=0),
     "head_factorization": dict(method="head_factorization", target_param_ratio=0.7),
     "taylor_pruning": dict(method="pruning", target_flops_ratio=0.7, pruning_importance="taylor"),
-    # the default: compensation residuals trained on every batch in the single-process order
-    "compensation": dict(target_param_ratio=0.6, compensation_epochs=2),
+    # compensation residuals trained on every batch in the single-process order
+    "compensation": dict(target_param_ratio=0.6, compensation_rank=8, compensation_epochs=2),
 }
 
 

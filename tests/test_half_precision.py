@@ -21,12 +21,12 @@ from .conftest import tiny_vit
 
 compress_module = importlib.import_module("hf_vitcompress.compress")  # the package attribute is the function
 
-FAST = dict(calibration_samples=8)  # the default config otherwise: compensation, 4 epochs, global allocation
+FAST = dict(calibration_samples=8)  # the default config otherwise: the factorization chosen on held-out images
 # Taylor scores are cheap: all 48 images, enough for bfloat16 gradients to reorder groups if scored in bfloat16.
 METHODS = {
     "default": CompressionConfig(target_param_ratio=0.6, **FAST),
-    "compensation": CompressionConfig(target_param_ratio=0.6, compensation_epochs=1, **FAST),
-    "sequential": CompressionConfig(target_param_ratio=0.6, sequential=True, compensation_epochs=1, **FAST),
+    "compensation": CompressionConfig(target_param_ratio=0.6, compensation_rank=8, compensation_epochs=1, **FAST),
+    "sequential": CompressionConfig(target_param_ratio=0.6, sequential=True, compensation_rank=8, compensation_epochs=1, **FAST),
     "head_factorization": CompressionConfig(method="head_factorization", target_param_ratio=0.6, **FAST),
     "pruning_magnitude": CompressionConfig(method="pruning", target_flops_ratio=0.6),
     "pruning_taylor": CompressionConfig(
@@ -59,7 +59,7 @@ def _check_half_compression(dtype: torch.dtype, config: CompressionConfig, pixel
         change = _relative(expected, as_float(pixel_values=images).logits)
     assert out.dtype == dtype
     assert _relative(out, expected) <= 2 * rounding + 2e-3, (_relative(out, expected), rounding)
-    assert change > 10 * (2 * rounding + 2e-3)  # the bound above is far below what compression changes
+    assert change > 5 * (2 * rounding + 2e-3)  # the bound above is far below what compression changes
 
 
 @pytest.mark.parametrize("name", [name for name in METHODS if name != "compensation"])

@@ -12,7 +12,7 @@ from hf_vitcompress import CompressionConfig, LowRankLinear, TuningError, compre
 
 from .conftest import tiny_vit
 
-CONFIG = CompressionConfig(target_param_ratio=0.6, whitening="none", compensation_rank=0)
+CONFIG = CompressionConfig(target_param_ratio=0.6, whitening="none", rank_allocation="global", loss_weighting="none")
 
 
 @pytest.fixture

@@ -43,7 +43,8 @@ def _raw_batches(data: Any, batch_size: int) -> Iterator[Any]:
     if data is None:
         raise CalibrationDataError(
             "No calibration data was given: activation-aware compression needs a few hundred images "
-            "(only whitening='none' with compensation_rank=0, i.e. plain weight SVD, runs without data)."
+            "(only plain weight SVD runs without data: whitening='none', loss_weighting='none', rank_allocation "
+                "'uniform' or 'global', compensation_rank=0)."
         )
     if isinstance(data, torch.Tensor):
         yield from data.split(batch_size)

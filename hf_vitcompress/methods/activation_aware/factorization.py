@@ -4,6 +4,16 @@ With calibration inputs X (rows = tokens) and ``C = XᵀX / n = S Sᵀ``, the SV
 ``A = U_k Σ_k^{1/2}`` and ``B = Σ_k^{1/2} V_kᵀ S⁻¹``, and the mean per-token output error of the
 rank-k pair is exactly the sum of the discarded ``σ²``: ``‖X (W − AB)ᵀ‖²_F / n = Σ_{i>k} σ_i²``.
 So one SVD gives the error of every candidate rank, which is what global rank allocation needs.
+
+Two generalizations, both about measuring the error that matters rather than a factorization's own:
+
+* **output weights** ``d`` (one per output channel, e.g. the Fisher diagonal of the model's output error
+  with respect to this layer's output, :mod:`hf_vitcompress.calibration.sensitivity`): the SVD of
+  ``D^½ W S`` minimizes ``E[(W x − A B x)ᵀ D (W x − A B x)]``, the output error weighted by how much each
+  channel's error reaches the model's output (FWSVD's idea, here combined with any input whitening);
+* :func:`output_errors` gives the *true* weighted output error ``tr(D ΔW C ΔWᵀ)`` of every rank for any
+  factorization (plain, diagonal, shrunk Gram), computed from the Gram; a non-Gram factorization's own
+  spectrum is not an output error, so allocating on it compares unlike numbers.
 """
 
 from __future__ import annotations
@@ -43,15 +53,30 @@ def whitened_svd(
     whitening: str = "gram",
     gram_shrinkage: float = 0.0,
     damping: float = 1e-6,
+    output_weights: torch.Tensor | None = None,
 ) -> WhitenedSVD:
     """Factorize ``weight [out, in]`` so that truncation minimizes the error on the calibration inputs.
 
     ``whitening``: ``"gram"`` (full XᵀX), ``"diagonal"`` (ASVD-style per-channel scale ``mean|x|^½``)
     or ``"none"`` (plain weight SVD; ``statistics`` may be ``None``). ``gram_shrinkage`` a blends the
     Gram toward its diagonal, ``(1-a)·C + a·diag(C)``, trading exactness on the calibration set for
-    robustness to what it does not cover.
+    robustness to what it does not cover. ``output_weights`` ``[out]`` (positive) weight each output
+    channel's error; the spectrum is then in weighted units.
     """
     w = weight.detach().to(torch.float64)
+    row_scale = None
+    if output_weights is not None:
+        row_scale = output_weights.to(device=w.device, dtype=torch.float64).sqrt()[:, None]
+        w = w * row_scale
+    svd = _whitened_svd(w, statistics, whitening, gram_shrinkage, damping)
+    if row_scale is not None:
+        svd.left = svd.left / row_scale
+    return svd
+
+
+def _whitened_svd(
+    w: torch.Tensor, statistics: LayerStatistics | None, whitening: str, gram_shrinkage: float, damping: float
+) -> WhitenedSVD:
     if whitening == "none":
         u, sigma, vh = torch.linalg.svd(w, full_matrices=False)
         root = sigma.sqrt()
@@ -75,3 +100,23 @@ def whitened_svd(
     scale = sigma.sqrt()
     right = root.solve_transpose((scale[:, None] * vh).T).T  # Σ^½ Vᵀ S⁻¹
     return WhitenedSVD(u * scale, right, sigma.square(), root.solver)
+
+
+def output_errors(
+    svd: WhitenedSVD, gram: torch.Tensor, output_weights: torch.Tensor | None = None, max_rank: int | None = None
+) -> torch.Tensor:
+    """``errors[k] = tr(D ΔW_k C ΔW_kᵀ)`` for ``k = 0 .. max_rank``: the mean (weighted) output error per token
+    of keeping the first ``k`` components, on the inputs whose Gram is ``C`` (``D = diag(output_weights)``,
+    the identity when ``None``).
+
+    With ``ΔW_k = Σ_{i≥k} l_i r_iᵀ`` the error is ``Σ_{i,j≥k} (l_iᵀ D l_j)(r_iᵀ C r_j)``: one Hadamard
+    product of two small Gram matrices and a 2-D suffix sum, exact for any factorization (its components
+    need not be orthogonal in this metric, as plain and diagonal-scaled SVDs are not).
+    """
+    left = svd.left.to(torch.float64)
+    right = svd.right.to(device=gram.device, dtype=torch.float64)
+    weighted_left = left if output_weights is None else left * output_weights.to(left)[:, None]
+    products = (left.T @ weighted_left).to(gram.device) * (right @ gram.to(torch.float64) @ right.T)
+    suffix = products.flip(0).cumsum(0).flip(0).flip(1).cumsum(1).flip(1)  # suffix[k, l] = Σ_{i≥k, j≥l}
+    errors = torch.cat([suffix.diagonal(), suffix.new_zeros(1)])  # all components kept: W itself
+    return errors[: None if max_rank is None else max_rank + 1].clamp_min(0.0)

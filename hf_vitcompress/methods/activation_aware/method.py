@@ -12,22 +12,26 @@ Pipeline, each step optional where the config says so:
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ...budget import ALLOCATORS, DENSE, RankCandidate, make_budget
+from ...budget import DENSE
 from ...calibration.blocks import BlockInputs, capture_block_inputs, capture_module_input
 from ...calibration.distributed import SINGLE_PROCESS, CalibrationProcesses
 from ...calibration.gram import LayerStatistics, record_linear_inputs, sum_over_processes
+from ...calibration.sensitivity import OutputSensitivity, accumulate_sensitivity
+from ...calibration.validation import CalibrationSplit, HeldOutReference, forward_batch, split_for_validation
 from ...configuration import CompressionConfig
 from ...layers import LowRankLinear
 from ...plan import CompressionPlan, LayerPlan, count_parameters, set_submodule
 from .compensation import CompensationResult, train_compensation
-from .factorization import WhitenedSVD, whitened_svd
+from .factorization import WhitenedSVD
+from .selection import factorize_layers, needs_selection, needs_sensitivity, select_factorization
 
 
 @dataclass
@@ -36,59 +40,28 @@ class CompressionReport:
 
     solvers: dict[str, str] = field(default_factory=dict)
     compensation: list[CompensationResult] = field(default_factory=list)
-
-
-def _forward(model: nn.Module, batch: torch.Tensor | dict) -> None:
-    """Vision models get ``pixel_values``; a dict batch is passed as keyword arguments (any encoder)."""
-    if isinstance(batch, dict):
-        model(**batch)
-    else:
-        model(pixel_values=batch)
+    selection: dict | None = None  # every candidate's held-out score and the winner (also in the plan)
+    selection_seconds: float = 0.0  # what choosing cost: the SVDs of every factorization and the held-out passes
 
 
 def needs_calibration(config: CompressionConfig) -> bool:
     """Whether ``config`` needs calibration images (every method answers here, so ``compress`` asks once)."""
     if config.method == "pruning":
         return config.pruning_importance == "taylor"
-    return config.whitening != "none" or config.sequential or config.compensation_rank > 0
+    return (
+        config.whitening != "none"
+        or needs_selection(config)
+        or needs_sensitivity(config)
+        or config.sequential
+        or config.compensation_rank > 0
+    )
 
 
-def _factorize(
-    model: nn.Module,
-    names: Sequence[str],
-    statistics: dict[str, LayerStatistics] | None,
-    config: CompressionConfig,
-    release: bool = False,
-) -> dict[str, WhitenedSVD]:
-    """The whitened SVD of each named linear.
-
-    ``release=True`` removes each layer's statistics from ``statistics`` as soon as its SVD exists, so
-    the Gram matrices of all layers and the factors of all layers are never held at the same time
-    (together they are most of calibration's peak memory).
-    """
-    svds = {}
-    for name in names:
-        layer_statistics = None
-        if statistics:
-            layer_statistics = statistics.pop(name, None) if release else statistics.get(name)
-        svds[name] = whitened_svd(
-            model.get_submodule(name).weight,
-            layer_statistics,
-            whitening=config.whitening,
-            gram_shrinkage=config.gram_shrinkage,
-            damping=config.damping,
-        )
-        del layer_statistics
-    return svds
-
-
-def _candidate(name: str, module: nn.Linear, svd: WhitenedSVD, normalization: str) -> RankCandidate:
-    spectrum = svd.spectrum
-    kept = torch.cat([spectrum.new_zeros(1), spectrum.cumsum(0)])
-    errors = (kept[-1] - kept).clamp_min(0)  # errors[k] = energy discarded at rank k
-    if normalization == "relative":
-        errors = errors / max(float(kept[-1]), 1e-30)
-    return RankCandidate(name, module.in_features, module.out_features, errors)
+def index_calibration_stream(batches, config: CompressionConfig) -> Iterator[CalibrationSplit]:
+    """The calibration stream as :class:`CalibrationSplit` items with their stream positions, the held-out
+    images cut out when the factorization is chosen by measurement. ``compress`` calls this before the
+    stream is shared between processes, so every process count holds out (and weighs) the same images."""
+    return split_for_validation(batches, config.validation_interval if needs_selection(config) else None)
 
 
 def _install(model: nn.Module, name: str, svd: WhitenedSVD, rank: int) -> LowRankLinear:
@@ -108,7 +81,7 @@ def compress_activation_aware(
     block_groups: list[list[list[str]]],
     extra_targets: list[str],
     config: CompressionConfig,
-    batches: Iterator[torch.Tensor | dict] | None,
+    batches: Iterator[torch.Tensor | dict | CalibrationSplit] | None,
     blocks: tuple[nn.ModuleList, nn.ModuleList],
     progress: bool = True,
     processes: CalibrationProcesses = SINGLE_PROCESS,
@@ -117,8 +90,9 @@ def compress_activation_aware(
 
     ``block_groups[b][g]`` lists the target linears of group ``g`` of block ``b``; ``blocks`` is
     ``(dense_blocks, working_blocks)``; ``batches`` yields ``pixel_values`` tensors (or dicts of
-    forward keyword arguments). Nothing here is vision-specific: :func:`hf_vitcompress.compress`
-    supplies the family's layout. Returns the plan and a report.
+    forward keyword arguments, or :class:`CalibrationSplit` items from :func:`index_calibration_stream`).
+    Nothing here is vision-specific: :func:`hf_vitcompress.compress` supplies the family's layout.
+    Returns the plan and a report.
 
     With several ``processes``, ``batches`` is this process's share: every statistic is summed over
     processes and the compensation residuals are trained data-parallel, so all processes end equal.
@@ -126,9 +100,13 @@ def compress_activation_aware(
     report = CompressionReport()
     targets = [name for block in block_groups for group in block for name in group] + list(extra_targets)
     block_wise = config.sequential or config.compensation_rank > 0
+    selecting = needs_selection(config)
 
-    # 1. dense statistics (also keep the first block's inputs when going block by block)
+    # 1. one pass: dense statistics, held-out images, Fisher weights (and the first block's inputs when
+    # going block by block)
     statistics: dict[str, LayerStatistics] | None = None
+    sensitivity = OutputSensitivity() if needs_sensitivity(config) else None
+    reference = HeldOutReference(processes=processes) if selecting else None
     first_inputs = BlockInputs()
     if batches is not None:
         statistics = {}
@@ -137,27 +115,45 @@ def compress_activation_aware(
             processes.together("the calibration pass"),
             torch.no_grad(),
             record_linear_inputs(model, targets, statistics),
+            capture_block_inputs(blocks[1][0], first_inputs) if block_wise else nullcontext(),
         ):
-            if block_wise:
-                with capture_block_inputs(blocks[1][0], first_inputs):
-                    for batch in tqdm(batches, desc="calibration", disable=not progress, unit="batch"):
-                        _forward(model, batch)
-            else:
-                for batch in tqdm(batches, desc="calibration", disable=not progress, unit="batch"):
-                    _forward(model, batch)
+            stream = index_calibration_stream(batches, config)
+            for split in tqdm(stream, desc="calibration", disable=not progress, unit="batch"):
+                if split.held_out is not None:
+                    reference.batches.append(split.held_out)  # measured after the pass, outside the hooks
+                if split.fit is None:
+                    continue
+                if sensitivity is not None and split.position < config.sensitivity_samples:
+                    generator = torch.Generator().manual_seed(config.seed * 1_000_003 + split.position)
+                    accumulate_sensitivity(model, targets, split.fit, sensitivity, generator)
+                else:
+                    forward_batch(model, split.fit)
         sum_over_processes(statistics, processes, model)
+        if sensitivity is not None:
+            sensitivity.sum_over_processes(processes, model, targets)
+        if reference is not None:
+            with processes.together("the held-out reference"):
+                reference.compute_outputs(model)
 
-    # 2-3. spectra and one global allocation
-    svds = _factorize(
-        model, tqdm(targets, desc="factorization", disable=not progress, unit="layer"), statistics, config, release=True
+    # 2-3. factorizations, allocations, and the choice between them by the held-out output error
+    log = tqdm.write if progress else (lambda _message: None)
+    selection = select_factorization(
+        model, targets, statistics, sensitivity, reference, config, _install, log, processes
     )
-    candidates = [
-        _candidate(name, model.get_submodule(name), svds[name], config.error_normalization) for name in targets
-    ]
-    budget = make_budget(count_parameters(model), candidates, config.target_param_ratio)
-    ranks = ALLOCATORS[config.rank_allocation](candidates, budget.candidate_budget)
+    chosen = selection.factorization
+    config = replace(
+        config,
+        whitening=chosen.whitening,
+        loss_weighting=chosen.loss_weighting,
+        rank_allocation=selection.rank_allocation,
+    )
+    svds, ranks, budget = selection.svds, selection.ranks, selection.budget
     processes.check_same("the rank allocation", {name: None if rank is DENSE else rank for name, rank in ranks.items()})
     report.solvers = {name: svd.solver for name, svd in svds.items()}
+    if len(selection.scores) > 1:
+        report.selection = selection.record()
+        report.selection_seconds = selection.seconds
+    statistics = None  # the Grams are no longer needed (sequential calibration collects its own)
 
     # 4. install
     if not block_wise:
@@ -169,29 +165,36 @@ def compress_activation_aware(
         dense_blocks, working_blocks = blocks
         for index, groups in enumerate(tqdm(block_groups, desc="blocks", disable=not progress, unit="block")):
             for group in groups:
-                chosen = [name for name in group if ranks[name] is not DENSE]
-                if not chosen:
+                chosen_names = [name for name in group if ranks[name] is not DENSE]
+                if not chosen_names:
                     continue
                 if config.sequential:
                     group_statistics: dict[str, LayerStatistics] = {}
                     with (
                         processes.together("sequential calibration"),
                         torch.no_grad(),
-                        record_linear_inputs(model, chosen[:1], group_statistics),
+                        record_linear_inputs(model, chosen_names[:1], group_statistics),
                     ):
                         working_inputs.through(working_blocks[index])
                     sum_over_processes(group_statistics, processes, model)
-                    shared = group_statistics[chosen[0]]  # the group's linears read the same input
-                    svds.update(_factorize(model, chosen, dict.fromkeys(chosen, shared), config))
-                installed = {name: _install(model, name, svds[name], ranks[name]) for name in chosen}
+                    shared = group_statistics[chosen_names[0]]  # the group's linears read the same input
+                    svds.update(
+                        factorize_layers(
+                            model, chosen_names, dict.fromkeys(chosen_names, shared), chosen, config, sensitivity
+                        )
+                    )
+                installed = {name: _install(model, name, svds[name], ranks[name]) for name in chosen_names}
                 if config.compensation_rank > 0 and config.compensation_epochs > 0:
                     report.compensation += train_compensation(
-                        {name: (dense_model.get_submodule(name).weight.detach(), installed[name]) for name in chosen},
+                        {
+                            name: (dense_model.get_submodule(name).weight.detach(), installed[name])
+                            for name in chosen_names
+                        },
                         _InputPairs(
                             dense_blocks[index],
                             working_blocks[index],
-                            dense_model.get_submodule(chosen[0]),
-                            model.get_submodule(chosen[0]),
+                            dense_model.get_submodule(chosen_names[0]),
+                            model.get_submodule(chosen_names[0]),
                             dense_inputs,
                             working_inputs,
                         ),
@@ -215,6 +218,7 @@ def compress_activation_aware(
         },
         dense_parameters=budget.dense_parameters,
         parameters=count_parameters(model),
+        selection=report.selection,
     )
     return plan, report
 

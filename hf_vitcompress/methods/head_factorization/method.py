@@ -22,7 +22,8 @@ from ...calibration.gram import LayerStatistics, collect_linear_statistics, sum_
 from ...configuration import CompressionConfig
 from ...layers import LowRankLinear
 from ...plan import CompressionPlan, LayerPlan, count_parameters
-from ..activation_aware.method import CompressionReport, _candidate, _factorize, _install
+from ..activation_aware.method import CompressionReport, _install
+from ..activation_aware.selection import Factorization, factorize_layers, rank_candidate
 from .factorization import AttentionFactorization, factorize_attention, install_head_factorized
 
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -97,14 +98,15 @@ def compress_head_factorization(
         )
         for name in tqdm(attention_names, desc="attention products", disable=not progress, unit="module")
     }
-    svds = _factorize(model, linear_targets, statistics, config, release=True)
+    svds = factorize_layers(model, linear_targets, statistics, Factorization(config.whitening), config, release=True)
     candidates = [
         candidate
         for name, factorization in factorizations.items()
         for candidate in _head_candidates(name, factorization, model.get_submodule(name).q_proj.in_features)
     ]
     candidates += [
-        _candidate(name, model.get_submodule(name), svds[name], config.error_normalization) for name in linear_targets
+        rank_candidate(name, model.get_submodule(name), svds[name], config.error_normalization)
+        for name in linear_targets
     ]
     budget = make_budget(count_parameters(model), candidates, config.target_param_ratio)
     ranks = ALLOCATORS[config.rank_allocation](candidates, budget.candidate_budget)
