@@ -26,7 +26,9 @@ FAST = dict(calibration_samples=8)  # the default config otherwise: the factoriz
 METHODS = {
     "default": CompressionConfig(target_param_ratio=0.6, **FAST),
     "compensation": CompressionConfig(target_param_ratio=0.6, compensation_rank=8, compensation_epochs=1, **FAST),
-    "sequential": CompressionConfig(target_param_ratio=0.6, sequential=True, compensation_rank=8, compensation_epochs=1, **FAST),
+    "sequential": CompressionConfig(
+        target_param_ratio=0.6, sequential=True, compensation_rank=8, compensation_epochs=1, **FAST
+    ),
     "head_factorization": CompressionConfig(method="head_factorization", target_param_ratio=0.6, **FAST),
     "pruning_magnitude": CompressionConfig(method="pruning", target_flops_ratio=0.6),
     "pruning_taylor": CompressionConfig(

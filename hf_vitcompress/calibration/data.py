@@ -44,7 +44,7 @@ def _raw_batches(data: Any, batch_size: int) -> Iterator[Any]:
         raise CalibrationDataError(
             "No calibration data was given: activation-aware compression needs a few hundred images "
             "(only plain weight SVD runs without data: whitening='none', loss_weighting='none', rank_allocation "
-                "'uniform' or 'global', compensation_rank=0)."
+            "'uniform' or 'global', compensation_rank=0)."
         )
     if isinstance(data, torch.Tensor):
         yield from data.split(batch_size)
