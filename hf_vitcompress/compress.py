@@ -16,7 +16,12 @@ from .calibration.distributed import CalibrationProcesses
 from .configuration import CompressionConfig
 from .families import FamilyAdapter, family_for
 from .layers import LowRankLinear
-from .methods.activation_aware.method import compress_activation_aware, index_calibration_stream, needs_calibration
+from .methods.activation_aware.method import (
+    benefits_from_calibration,
+    compress_activation_aware,
+    index_calibration_stream,
+    needs_calibration,
+)
 from .methods.head_factorization.method import ATTENTION_PROJECTIONS, compress_head_factorization
 from .methods.pruning.export import export_pruned
 from .methods.pruning.method import plan_pruning
@@ -200,7 +205,7 @@ def compress(
             dtype=working_dtype,
         )
 
-    if needs_calibration(config):
+    if needs_calibration(config) or (calibration_data is not None and benefits_from_calibration(config)):
         if distributed:
             processes = CalibrationProcesses.current().with_context(
                 config=config.to_dict(), targets=block_groups, extra_targets=extra

@@ -57,6 +57,13 @@ def needs_calibration(config: CompressionConfig) -> bool:
     )
 
 
+def benefits_from_calibration(config: CompressionConfig) -> bool:
+    """Whether calibration images, when given, change the result even though ``config`` does not need them:
+    global allocation of a plain SVD then compares true output errors (from each layer's Gram) instead of
+    weight spectra."""
+    return needs_calibration(config) or (config.method == "activation_aware" and config.rank_allocation == "global")
+
+
 def index_calibration_stream(batches, config: CompressionConfig) -> Iterator[CalibrationSplit]:
     """The calibration stream as :class:`CalibrationSplit` items with their stream positions, the held-out
     images cut out when the factorization is chosen by measurement. ``compress`` calls this before the

@@ -258,7 +258,9 @@ def select_factorization(
                 best_errors = errors
         del svds
     best.scores = scores
-    best.metric = None if count == 1 else ("kl_divergence" if reference.kind == "logits" else "relative_squared_feature_error")
+    best.metric = (
+        None if count == 1 else ("kl_divergence" if reference.kind == "logits" else "relative_squared_feature_error")
+    )
     best.held_out_images = reference.total_images() if reference is not None else 0
     best.seconds = time.perf_counter() - start
     processes.check_same(
