@@ -35,7 +35,12 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import time
+
+# OpenMP's default spin-waiting makes small LAPACK calls far slower whenever anything else runs on the
+# machine (see tests/conftest.py); read when OpenMP starts, so set before torch is imported.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from pathlib import Path
 
 import numpy as np

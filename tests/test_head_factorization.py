@@ -321,3 +321,36 @@ def test_head_factorized_model_trains_with_distillation(tmp_path, pixels):
     loaded = AutoModelForImageClassification.from_pretrained(tmp_path / "model").eval()
     with torch.no_grad():
         torch.testing.assert_close(loaded(pixel_values=pixels).logits, small.eval()(pixel_values=pixels).logits)
+
+
+@pytest.mark.parametrize("implementation", ["eager", "sdpa"])
+def test_value_output_truncation_error_is_the_discarded_energy_of_the_mixed_token_gram(inputs, implementation):
+    """Each head's V·O product acts on its attention-mixed tokens A_h·x: whitened with their Gram, the mean output
+    error of the truncated head is exactly its discarded energy (with the Gram of x it was 0.27-0.51x, varying by
+    head). The attention probabilities are taken independently of the hook, from output_attentions under eager."""
+    from hf_vitcompress.calibration.attention_mixing import record_head_mixing
+
+    attention = attention_with_biases(implementation).double()
+    x = inputs.double()
+    mixing = {}
+    container = torch.nn.Module()
+    container.attention = attention
+    with torch.no_grad(), record_head_mixing(container, ["attention"], mixing):
+        attention(x)
+    factorization = factorize_attention(attention, statistics_of(x), damping=0.0, mixing=mixing["attention"])
+    eager = attention_with_biases("eager").double()
+    with torch.no_grad():
+        _, probabilities = eager(x)  # [batch, heads, tokens, tokens]
+    heads, head_dim = attention.num_attention_heads, attention.head_dim
+    w_v, w_o = attention.v_proj.weight.double(), attention.o_proj.weight.double()
+    ratios = []
+    for h in range(heads):
+        rows = slice(h * head_dim, (h + 1) * head_dim)
+        product = w_v[rows].T @ w_o[:, rows].T  # N_h [d, d]
+        mixed = (probabilities[:, h] @ x).reshape(-1, x.shape[-1])
+        for rank in (2, 7):
+            down, up = factorization.vo[h].factors(rank)
+            error = (mixed @ (product - down @ up.T)).detach().square().sum() / mixed.shape[0]
+            discarded = factorization.vo[h].discarded_energy(rank)
+            ratios.append(float(error) / discarded)
+    assert ratios == pytest.approx([1.0] * len(ratios), rel=1e-6)

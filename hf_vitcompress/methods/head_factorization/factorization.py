@@ -9,7 +9,9 @@ Metrics (``G = E[xᵀx] = S Sᵀ`` of the attention input, ``x̃ = [x, 1]``, ``G
   along as the last row of ``M`` (the homogeneous coordinate), so it is kept to the same optimal
   truncation as the weights instead of being dropped; the key bias adds ``q_i·b_K`` to every score of
   row ``i``, which softmax ignores, so it is dropped exactly.
-* outputs: ``E[(x ΔN)²] = ‖Sᵀ ΔN‖²_F`` with ``N = W_Vᵀ W_Oᵀ``. Attention rows sum to one, so the value bias
+* outputs: ``E[(A_h x ΔN)²] = ‖S_hᵀ ΔN‖²_F`` with ``N = W_Vᵀ W_Oᵀ`` and ``S_h`` the root of the Gram of
+  the head's attention-mixed tokens ``A_h x`` (:mod:`hf_vitcompress.calibration.attention_mixing`); the
+  Gram of ``x`` itself when those were not collected. Attention rows sum to one, so the value bias
   contributes the constant ``b_V W_Oᵀ`` per head, folded exactly into the output bias.
 
 In both cases the error of rank ``r`` is the sum of the discarded ``σ²`` (full rank ``d_h`` is exact).
@@ -22,6 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ...calibration.attention_mixing import HeadMixingStatistics
 from ...calibration.gram import LayerStatistics
 from ...calibration.whitening import GramRoot, gram_root, identity_root
 
@@ -70,12 +73,16 @@ class AttentionFactorization:
 
 
 def factorize_attention(
-    attention: nn.Module, statistics: LayerStatistics | None, damping: float = 1e-6
+    attention: nn.Module,
+    statistics: LayerStatistics | None,
+    damping: float = 1e-6,
+    mixing: HeadMixingStatistics | None = None,
 ) -> AttentionFactorization:
     """Per-head product SVDs of a ViT-style attention (``q_proj, k_proj, v_proj, o_proj``).
 
     ``statistics`` are those of the attention input (``q_proj``'s input); ``None`` gives plain
-    (unweighted) SVDs of the products.
+    (unweighted) SVDs of the products. ``mixing``: the heads' mixed-token Grams, the exact metric of the
+    value·output products (without it they are whitened with the Gram of the input).
     """
     heads = (
         attention.num_attention_heads
@@ -103,7 +110,10 @@ def factorize_attention(
         if qk_bias:
             a = torch.cat([a, q.bias.detach().to(torch.float64)[rows][None]], dim=0)  # [d + 1, d_h]
         qk.append(product_svd(a, w_k[rows].T, augmented_root, root))
-        vo.append(product_svd(w_v[rows].T, w_o[:, rows], root, output_root))
+        vo_root = root
+        if mixing is not None and mixing.tokens > 0:
+            vo_root = gram_root(mixing.mean_gram(h).to(w_q.device), damping)
+        vo.append(product_svd(w_v[rows].T, w_o[:, rows], vo_root, output_root))
         if v.bias is not None:
             folded = w_o[:, rows] @ v.bias.detach().to(torch.float64)[rows]
             out_bias = folded if out_bias is None else out_bias + folded

@@ -17,6 +17,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ...budget import ALLOCATORS, DENSE, RankCandidate, make_budget
+from ...calibration.attention_mixing import HeadMixingStatistics, record_head_mixing, sum_head_mixing_over_processes
 from ...calibration.distributed import SINGLE_PROCESS, CalibrationProcesses
 from ...calibration.gram import LayerStatistics, collect_linear_statistics, sum_over_processes
 from ...configuration import CompressionConfig
@@ -87,14 +88,19 @@ def compress_head_factorization(
     report = CompressionReport()
     inputs = [f"{name}.q_proj" for name in attention_names] + linear_targets
     statistics: dict[str, LayerStatistics] | None = None
+    mixing: dict[str, HeadMixingStatistics] = {}
     if batches is not None and config.whitening != "none":
-        with processes.together("the calibration pass"):
+        with processes.together("the calibration pass"), record_head_mixing(model, attention_names, mixing):
             statistics = collect_linear_statistics(model, inputs, batches, progress)
         sum_over_processes(statistics, processes, model)
+        sum_head_mixing_over_processes(mixing, processes)
 
     factorizations = {
         name: factorize_attention(
-            model.get_submodule(name), statistics.pop(f"{name}.q_proj", None) if statistics else None, config.damping
+            model.get_submodule(name),
+            statistics.pop(f"{name}.q_proj", None) if statistics else None,
+            config.damping,
+            mixing.pop(name, None),
         )
         for name in tqdm(attention_names, desc="attention products", disable=not progress, unit="module")
     }
