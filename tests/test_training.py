@@ -521,3 +521,29 @@ def test_load_best_model_at_end_restores_the_best_weights_and_their_report(tmp_p
         torch.testing.assert_close(student.state_dict()[name], value, msg=name)
     assert len(saved) == len(student.state_dict())
     assert student.evaluation_report is not None and student.evaluation_report.matches(student)
+
+
+def test_a_backbone_is_distilled_on_its_last_hidden_state(tmp_path, pixels):
+    """A ViTModel (no logits, no labels) learns its teacher's features: the feature error drops, and asking for
+    cross-entropy on a backbone is a clear error."""
+    from .conftest import tiny_vit_model
+
+    teacher = tiny_vit_model()
+    student = compress(teacher, CompressionConfig(target_param_ratio=0.4), pixels, progress=False)
+    data = [{"pixel_values": p} for p in pixels]
+
+    @torch.no_grad()
+    def feature_error():
+        student.eval()
+        reference = teacher(pixel_values=pixels).last_hidden_state
+        return float((student(pixel_values=pixels).last_hidden_state - reference).norm() / reference.norm())
+
+    before = feature_error()
+    with pytest.raises(ValueError, match="no logits.*alpha=1.0"):
+        DistillationTrainer(model=student, teacher=teacher, args=make_args(tmp_path), train_dataset=data).train()
+    args = make_args(tmp_path, alpha=1.0, max_steps=40, learning_rate=3e-3)
+    trainer = DistillationTrainer(model=student, teacher=teacher, args=args, train_dataset=data)
+    trainer.train()
+    assert feature_error() < 0.8 * before
+    logged = [entry["distill/kd"] for entry in trainer.state.log_history if "distill/kd" in entry]
+    assert logged and logged[-1] < logged[0]

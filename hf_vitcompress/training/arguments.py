@@ -14,7 +14,9 @@ from .schedules import SCHEDULE_KINDS, Schedule
 class DistillationArguments(TrainingArguments):
     """Training arguments for :class:`~hf_vitcompress.DistillationTrainer`.
 
-    The loss is ``(1 - alpha)·CE(labels) + alpha·KD + w(t)·MSE(features)``, where ``w`` follows
+    The loss is ``(1 - alpha)·CE(labels) + alpha·KD + w(t)·MSE(features)`` (for a backbone, whose output has
+    no logits, KD is the mean squared error to the teacher's ``last_hidden_state`` and ``alpha`` must be 1),
+    where ``w`` follows
     ``feature_weight_schedule`` from ``feature_weight`` to 0 over training (alignment helps early,
     when the student's features are far from the teacher's, and would fight the task loss late).
     """

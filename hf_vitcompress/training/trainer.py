@@ -150,34 +150,47 @@ class DistillationTrainer(Trainer):
     ):
         args: DistillationArguments = self.args
         labels = inputs.get("labels")
-        if labels is None and args.alpha < 1:
-            raise ValueError(
-                f"The batch has no 'labels' but alpha={args.alpha} < 1 weighs cross-entropy on labels. Add a "
-                "'labels' column, or set alpha=1.0 to learn from the teacher alone."
-            )
         model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
         progress = training_progress(self.state.global_step, self.state.max_steps)
         feature_weight = args.feature_schedule.value(progress) if args.feature_weight > 0 and model.training else 0.0
         if feature_weight > 0:
             model_inputs["output_hidden_states"] = True
         outputs = model(**model_inputs)
-
-        # DeiT's distillation head learns from the teacher, its class head from the labels.
-        task_logits = getattr(outputs, "cls_logits", None)
-        task_logits = outputs.logits if task_logits is None else task_logits
-        kd_logits = getattr(outputs, "distillation_logits", None)
-        kd_logits = outputs.logits if kd_logits is None else kd_logits
+        # A backbone (ViTModel, a DINOv2-style feature extractor) has no logits: it learns its teacher's
+        # last_hidden_state (mean squared error), the output its users consume.
+        backbone = getattr(outputs, "logits", None) is None
+        if backbone and args.alpha < 1:
+            raise ValueError(
+                f"{type(model).__name__} outputs no logits (a backbone), so there is no cross-entropy to weigh with "
+                f"1 - alpha = {1 - args.alpha:g}: it is distilled on the teacher's last_hidden_state. Set alpha=1.0."
+            )
+        if labels is None and args.alpha < 1:
+            raise ValueError(
+                f"The batch has no 'labels' but alpha={args.alpha} < 1 weighs cross-entropy on labels. Add a "
+                "'labels' column, or set alpha=1.0 to learn from the teacher alone."
+            )
 
         terms: dict[str, torch.Tensor] = {}
-        if args.alpha < 1:
-            terms["ce"] = nn.functional.cross_entropy(task_logits.float(), labels)
         teacher_outputs = None
         if self.teacher is not None:
             teacher = self._teacher_on(next(p for p in model.parameters()))
             with torch.no_grad():
                 teacher_outputs = teacher(**model_inputs)
-        if args.alpha > 0:
-            terms["kd"] = distillation_loss(kd_logits, teacher_outputs.logits, args.kind, args.temperature)
+        if backbone:
+            if args.alpha > 0:
+                terms["kd"] = nn.functional.mse_loss(
+                    outputs.last_hidden_state.float(), teacher_outputs.last_hidden_state.float()
+                )
+        else:
+            # DeiT's distillation head learns from the teacher, its class head from the labels.
+            task_logits = getattr(outputs, "cls_logits", None)
+            task_logits = outputs.logits if task_logits is None else task_logits
+            kd_logits = getattr(outputs, "distillation_logits", None)
+            kd_logits = outputs.logits if kd_logits is None else kd_logits
+            if args.alpha < 1:
+                terms["ce"] = nn.functional.cross_entropy(task_logits.float(), labels)
+            if args.alpha > 0:
+                terms["kd"] = distillation_loss(kd_logits, teacher_outputs.logits, args.kind, args.temperature)
         loss = (1 - args.alpha) * terms.get("ce", 0) + args.alpha * terms.get("kd", 0)
         if feature_weight > 0:
             terms["feature"] = feature_alignment_loss(
