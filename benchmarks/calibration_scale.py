@@ -42,7 +42,13 @@ def worker(count: int, image_size: int, batch_size: int) -> dict:
         pass_time["end"] = time.perf_counter()  # ... and finishes when the last one is consumed
 
     # one more than given, so the calibration pass asks for a batch after the last and the generator sees its end
-    compression = CompressionConfig(target_param_ratio=0.5, compensation_rank=0, calibration_samples=count + 1)
+    compression = CompressionConfig(
+        target_param_ratio=0.5,
+        whitening="gram",
+        loss_weighting="none",
+        rank_allocation="global",
+        calibration_samples=count + 1,
+    )
     before = resident_memory_mb()
     start = time.perf_counter()
     compressed = compress(model, compression, batches(), progress=False)

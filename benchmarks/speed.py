@@ -116,7 +116,7 @@ def per_layer(device: torch.device, dtype: torch.dtype, repeats: int, fused: boo
 def end_to_end(device: torch.device, dtype: torch.dtype, batch: int, repeats: int, allocation: str) -> dict:
     dense = vit_b()
     config = CompressionConfig(
-        target_param_ratio=0.5, whitening="none", compensation_rank=0, rank_allocation=allocation
+        target_param_ratio=0.5, whitening="none", loss_weighting="none", rank_allocation=allocation
     )
     factorized = compress(dense, config, progress=False)
     tuned = compress(dense, config, progress=False)

@@ -27,7 +27,13 @@ from typing import Any
 
 import torch
 
-from .configuration import SUPPORTED_METHODS, CompressionConfig
+from .configuration import (
+    ALLOCATION_CHOICES,
+    LOSS_WEIGHTING_CHOICES,
+    SUPPORTED_METHODS,
+    WHITENING_CHOICES,
+    CompressionConfig,
+)
 from .data import DEFAULT_MODEL_DIR, SHIPPED_CALIBRATION_DESCRIPTION
 
 
@@ -185,6 +191,13 @@ def cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
         "param_ratio": plan.param_ratio,
         "factorized_layers": len(plan.layers),
         **({"merged_to_dense_by_tuning": len(plan.tuning["merged_to_dense"])} if plan.tuning else {}),
+        # the factorization the default chose on the held-out images, and how long choosing took
+        **({"chosen_factorization": plan.selection["chosen"]} if plan.selection else {}),
+        **(
+            {"selection_seconds": round(compressed.compression_report.selection_seconds, 1)}
+            if getattr(getattr(compressed, "compression_report", None), "selection_seconds", 0)
+            else {}
+        ),
     }
     if processes.is_main:
         print(json.dumps(summary, indent=2))
@@ -545,9 +558,12 @@ def _add_config_arguments(parser: argparse.ArgumentParser, seed: bool = True) ->
     group.add_argument("--pruning-importance", dest="pruning_importance", choices=["magnitude", "taylor"], default=None)
     group.add_argument("--target-modules", dest="target_modules", nargs="+", default=None)
     group.add_argument("--calibration-samples", dest="calibration_samples", type=int, default=None)
-    group.add_argument("--whitening", choices=["gram", "diagonal", "none"], default=None)
+    group.add_argument("--whitening", choices=list(WHITENING_CHOICES), default=None)
+    group.add_argument("--loss-weighting", dest="loss_weighting", choices=list(LOSS_WEIGHTING_CHOICES), default=None)
+    group.add_argument("--validation-interval", dest="validation_interval", type=int, default=None)
+    group.add_argument("--sensitivity-samples", dest="sensitivity_samples", type=int, default=None)
     group.add_argument("--gram-shrinkage", dest="gram_shrinkage", type=float, default=None)
-    group.add_argument("--rank-allocation", dest="rank_allocation", choices=["global", "uniform"], default=None)
+    group.add_argument("--rank-allocation", dest="rank_allocation", choices=list(ALLOCATION_CHOICES), default=None)
     group.add_argument(
         "--error-normalization", dest="error_normalization", choices=["relative", "absolute"], default=None
     )
