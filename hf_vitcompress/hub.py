@@ -37,7 +37,8 @@ def describe_method(config: dict[str, Any], selection: dict[str, Any] | None = N
     if method == "head_factorization":
         return "head-level attention factorization (COMCAT-style)", (
             "In every attention, each head's query·key and value·output weight products are replaced by low-rank "
-            "factors found by an SVD whitened with the calibration activations (query bias kept in the "
+            "factors found by an SVD whitened with the calibration activations (the value·output products with the "
+            "Gram of each head's attention-mixed tokens, so each head's error is its output error; query bias kept in the "
             "factorization, key bias dropped exactly, value bias folded exactly into the output bias); the MLP "
             "linears become low-rank pairs; all ranks, per head, are allocated under one global parameter budget."
         )
