@@ -17,8 +17,9 @@ Models (each run on its own, ``--models``; each writes ``lowrank_quality_<model>
 
 Rows: plain SVD, ASVD-style diagonal scaling, full whitening (SVD-LLM's truncation-aware whitening),
 Fisher-weighted SVD (FWSVD), each with uniform and global ranks; full whitening with Fisher weights;
-head factorization; and the default, ``CompressionConfig()``, which chooses among these factorizations
-by the held-out output error. Global allocation always compares true output errors (from each layer's
+head factorization; the default, ``CompressionConfig()``, which chooses among these factorizations
+by the held-out output error; and the default with the trained rank-8 compensation residual on top (not
+run on DINOv2-S, where it costs several minutes per cell). Global allocation always compares true output errors (from each layer's
 Gram; Fisher-weighted with Fisher weights). Compress time is per cell.
 
     python benchmarks/lowrank_quality.py --models dinov2-s        # ~60 min on 2 idle cores
@@ -70,6 +71,7 @@ ROWS = {
     "full whitening + Fisher, global": dict(whitening="gram", loss_weighting="fisher", rank_allocation="global"),
     "head factorization": dict(method="head_factorization"),
     DEFAULT_ROW: {},
+    "default + compensation r8": dict(compensation_rank=8),
 }
 
 
