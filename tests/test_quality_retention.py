@@ -3,8 +3,9 @@
 The model is the embedded default (``hf_vitcompress/default/model``, loaded as ``hf-vitcompress demo`` loads it),
 calibrated on the first 32 shipped training images and measured on the first 256 shipped test images (the
 ``test_subset`` split, which never moves). The configs are the defaults of each method; only
-``calibration_samples`` (32) and, for activation_aware, ``compensation_epochs`` (1) are lowered so that
-the test is fast: the code paths are the default ones (whitened SVD, global allocation, trained compensation).
+``calibration_samples`` (32) is lowered so that the test is fast: the code paths are the default ones (for
+activation_aware the factorization chosen on 4 held-out images; with so few the 2-standard-error rule keeps the
+prior, Gram whitening with global allocation, and the logit error is the 0.0062 below).
 
 Measured (torch 2.x, CPU), against the margins asserted below:
 
@@ -40,7 +41,7 @@ CALIBRATION_IMAGES = 32
 TEST_IMAGES = 256
 
 CONFIGS = {
-    "activation_aware": CompressionConfig(calibration_samples=CALIBRATION_IMAGES, compensation_epochs=1),
+    "activation_aware": CompressionConfig(calibration_samples=CALIBRATION_IMAGES),
     "head_factorization": CompressionConfig(method="head_factorization", calibration_samples=CALIBRATION_IMAGES),
     "pruning": CompressionConfig(method="pruning", target_flops_ratio=0.6),
 }
