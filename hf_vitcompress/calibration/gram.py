@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from .distributed import CalibrationProcesses
+from .validation import forward_batch
 
 
 class NonFiniteActivationError(ValueError):
@@ -98,10 +99,7 @@ def collect_linear_statistics(
     model.eval()
     with torch.no_grad(), record_linear_inputs(model, names, statistics):
         for batch in tqdm(batches, desc="calibration", disable=not progress, unit="batch"):
-            if isinstance(batch, dict):
-                model(**{k: v for k, v in batch.items() if k != "labels"})
-            else:
-                model(pixel_values=batch)
+            forward_batch(model, batch)
     return statistics
 
 
