@@ -58,6 +58,7 @@ from hf_vitcompress.data import iterate_batches, load_fashion_mnist
 
 HERE = Path(__file__).resolve().parent
 RATIOS = (0.9, 0.8, 0.7, 0.6, 0.5)
+RUN_RATIOS = RATIOS  # what this run measures (--ratios, with --merge)
 DEFAULT_ROW = "default: CompressionConfig()"
 ROWS = {
     "plain SVD, uniform": dict(whitening="none", loss_weighting="none", rank_allocation="uniform"),
@@ -72,6 +73,10 @@ ROWS = {
     "head factorization": dict(method="head_factorization"),
     DEFAULT_ROW: {},
     "default + compensation r8": dict(compensation_rank=8),
+    "full whitening + Fisher, global, sequential": dict(
+        whitening="gram", loss_weighting="fisher", rank_allocation="global", sequential=True
+    ),
+    "default, sequential='auto'": dict(sequential="auto"),
 }
 
 
@@ -162,7 +167,7 @@ def run_classifier(model, data, rows: dict) -> dict:
     print(f"{data['description']}: dense top-1 {100 * result['dense']['top1']:.2f}", flush=True)
     for row, options in rows.items():
         result["rows"][row] = {}
-        for ratio in RATIOS:
+        for ratio in RUN_RATIOS:
             start = time.time()
             config = CompressionConfig(target_param_ratio=ratio, calibration_samples=512, **options)
             small = compress(model, config, data["calibration"], progress=False)
@@ -230,7 +235,7 @@ def run_dinov2(rows: dict, image_size: int = 112) -> dict:
     print(f"{result['description']}: dense probe {100 * result['dense']['probe']:.2f}", flush=True)
     for row, options in rows.items():
         result["rows"][row] = {}
-        for ratio in RATIOS:
+        for ratio in RUN_RATIOS:
             start = time.time()
             config = CompressionConfig(target_param_ratio=ratio, calibration_samples=512, **options)
             small = compress(dense, config, calibration.split(64), progress=False)
@@ -365,7 +370,7 @@ def run_minilm(rows: dict) -> dict:
         if options.get("method") == "head_factorization":
             continue  # BERT's attention is not a ViT family's: the head methods need a vision family adapter
         result["rows"][row] = {}
-        for fraction in RATIOS:
+        for fraction in RUN_RATIOS:
             ratio = (total - (1 - fraction) * linear_weights) / total
             working = copy.deepcopy(dense)
             config = CompressionConfig(target_param_ratio=ratio, calibration_samples=len(calibration_text), **options)
@@ -543,12 +548,27 @@ def section(name: str, result: dict) -> str:
     ]
     if chosen:
         lines += ["", "The default chose: " + "; ".join(chosen) + "."]
+    sequential = [
+        f"{r}: {'kept' if c['chosen'].get('sequential') else 'not kept'}"
+        for r, c in result["rows"].get("default, sequential='auto'", {}).items()
+        if "chosen" in c
+    ]
+    if sequential:
+        lines += ["", "With sequential='auto' the block-by-block fit was " + "; ".join(sequential) + "."]
     environment = result.get("environment", {})
     lines += [
         "",
         f"Recorded by `python benchmarks/lowrank_quality.py --models {name}` ({environment.get('description', '')}, "
         f"{environment.get('wall_seconds', 0) / 60:.0f} min).",
     ]
+    for merged in result.get("merged", []):
+        rows = " ".join(f'"{row}"' for row in merged["rows"])
+        ratios = " ".join(map(str, merged["ratios"]))
+        lines.append(
+            f"Rows {', '.join(merged['rows'])}: `python benchmarks/lowrank_quality.py --models {name} --merge "
+            f"--rows {rows} --ratios {ratios}` ({merged['environment'].get('description', '')}, "
+            f"{merged['environment'].get('wall_seconds', 0) / 60:.0f} min)."
+        )
     return "\n".join(lines)
 
 
@@ -571,12 +591,24 @@ def markdown(results: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", choices=MODELS, default=[])
-    parser.add_argument("--rows", nargs="+", choices=list(ROWS), default=None, help="a subset of rows (not recorded)")
+    parser.add_argument(
+        "--rows", nargs="+", choices=list(ROWS), default=None, help="a subset of rows (not recorded unless --merge)"
+    )
+    parser.add_argument("--ratios", nargs="+", type=float, default=None, help="a subset of the ratios (with --rows)")
+    parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="add the --rows run to the recorded JSON (the rows replaced, the run noted)",
+    )
     parser.add_argument("--render", action="store_true", help="only rebuild the RESULTS.md section from the JSON files")
     args = parser.parse_args()
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     rows = {name: ROWS[name] for name in args.rows} if args.rows else ROWS
+    if (args.merge or args.ratios) and not args.rows:
+        parser.error("--merge and --ratios need --rows")
+    global RUN_RATIOS
+    RUN_RATIOS = tuple(args.ratios) if args.ratios else RATIOS
     for name in [] if args.render else args.models:
         torch.manual_seed(0)
         np.random.seed(0)
@@ -593,10 +625,18 @@ def main() -> None:
             result = run_classifier(model, data, rows)
         environment["wall_seconds"] = time.time() - start
         result["environment"] = environment
-        if args.rows:
+        path = HERE / f"lowrank_quality_{name}.json"
+        if args.merge:  # the new rows join the recorded ones, and the run that made them is noted
+            recorded = json.loads(path.read_text())
+            recorded["rows"].update(result["rows"])
+            recorded.setdefault("merged", []).append(
+                {"rows": list(rows), "ratios": list(RUN_RATIOS), "environment": environment}
+            )
+            result = recorded
+        elif args.rows:
             print(section(name, result))
             continue  # a subset never replaces the recorded results
-        (HERE / f"lowrank_quality_{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+        path.write_text(json.dumps(result, indent=2) + "\n")
     results = {
         name: json.loads(path.read_text())
         for name in MODELS

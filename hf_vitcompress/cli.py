@@ -198,6 +198,11 @@ def cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
             if getattr(getattr(compressed, "compression_report", None), "selection_seconds", 0)
             else {}
         ),
+        **(
+            {"sequential_seconds": round(compressed.compression_report.sequential_seconds, 1)}
+            if getattr(getattr(compressed, "compression_report", None), "sequential_seconds", 0)
+            else {}
+        ),
     }
     if processes.is_main:
         print(json.dumps(summary, indent=2))
@@ -567,11 +572,28 @@ def _add_config_arguments(parser: argparse.ArgumentParser, seed: bool = True) ->
     group.add_argument(
         "--error-normalization", dest="error_normalization", choices=["relative", "absolute"], default=None
     )
-    group.add_argument("--sequential", dest="sequential", action=argparse.BooleanOptionalAction, default=None)
+    group.add_argument(
+        "--sequential",
+        dest="sequential",
+        nargs="?",
+        const=True,
+        default=None,
+        type=_sequential_choice,
+        metavar="{true,false,auto}",
+        help="fit block by block to the dense outputs (no value: true; 'auto': kept where the held-out error drops)",
+    )
+    group.add_argument("--no-sequential", dest="sequential", action="store_const", const=False)
     group.add_argument("--compensation-rank", dest="compensation_rank", type=int, default=None)
     group.add_argument("--compensation-epochs", dest="compensation_epochs", type=int, default=None)
     if seed:  # commands that train have their own --seed, which the config then shares
         group.add_argument("--seed", type=int, default=None)
+
+
+def _sequential_choice(value: str) -> bool | str:
+    choices = {"true": True, "false": False, "auto": "auto"}
+    if value.lower() not in choices:
+        raise argparse.ArgumentTypeError(f"expected true, false or auto, got {value!r}")
+    return choices[value.lower()]
 
 
 def _add_training_arguments(parser: argparse.ArgumentParser) -> None:

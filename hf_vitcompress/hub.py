@@ -77,6 +77,12 @@ def describe_method(config: dict[str, Any], selection: dict[str, Any] | None = N
             f"{str(selection.get('metric', 'output error')).replace('_', ' ')} on {selection.get('held_out_images')} "
             "held-out calibration images)"
         )
+    if chosen.get("sequential") is True:
+        text += (
+            "; block by block, each pair was then fitted to the dense layer's output on the compressed model's own "
+            "activations"
+            + (" (kept because it lowered the held-out error)" if config.get("sequential") == "auto" else "")
+        )
     if config.get("compensation_rank", 0):
         text += f", and a rank-{config['compensation_rank']} learned residual compensates the remaining error"
     return "activation-aware mixed-rank factorization", text + "."

@@ -60,6 +60,49 @@ class LayerStatistics:
         return torch.cat([top, torch.cat([mean, mean.new_ones(1)])[None]], dim=0)
 
 
+@dataclass
+class PairedStatistics:
+    """One linear's inputs in the compressed model (``x'``) and in the dense model (``x``), token for token:
+    ``Σx'x'ᵀ``, ``Σ|x'|``, ``Σx'`` (as :class:`LayerStatistics`), the cross sum ``Σx'xᵀ`` and ``Σx``.
+
+    This is what fitting a layer to the *dense* layer's output on the *compressed* model's inputs
+    needs (sequential calibration): the least-squares map from ``x'`` to ``W x``. Sums, so shards add up.
+    """
+
+    compressed: LayerStatistics
+    cross: torch.Tensor  # Σ x' xᵀ [in, in]
+    dense_sum: torch.Tensor  # Σ x [in]
+
+    @classmethod
+    def empty(cls, in_features: int, device: torch.device | None = None) -> PairedStatistics:
+        return cls(
+            compressed=LayerStatistics.empty(in_features, device=device),
+            cross=torch.zeros(in_features, in_features, dtype=torch.float64, device=device),
+            dense_sum=torch.zeros(in_features, dtype=torch.float64, device=device),
+        )
+
+    def update(self, dense_inputs: torch.Tensor, compressed_inputs: torch.Tensor) -> None:
+        width = dense_inputs.shape[-1]
+        dense = dense_inputs.detach().reshape(-1, width).to(torch.float64)
+        compressed = compressed_inputs.detach().reshape(-1, width).to(torch.float64)
+        if dense.shape != compressed.shape:
+            raise ValueError(f"Paired inputs differ in shape: {tuple(dense.shape)} vs {tuple(compressed.shape)}.")
+        self.compressed.update(compressed)
+        self.cross.addmm_(compressed.T, dense)
+        self.dense_sum.add_(dense.sum(0))
+
+    @property
+    def tokens(self) -> int:
+        return self.compressed.tokens
+
+    def sum_over_processes(self, processes: CalibrationProcesses) -> None:
+        if not processes.is_distributed:
+            return
+        layer = self.compressed
+        processes.sum_([layer.gram, layer.abs_sum, layer.linear_sum, self.cross, self.dense_sum])
+        layer.tokens = int(processes.sum_numbers([layer.tokens])[0])
+
+
 @contextmanager
 def record_linear_inputs(model: nn.Module, names: Iterable[str], statistics: dict[str, LayerStatistics]):
     """While active, every forward of the named linears adds its input to ``statistics[name]``."""

@@ -43,6 +43,14 @@ class GramRoot:
     eigenvectors: torch.Tensor | None = None
     inverse_root: torch.Tensor | None = None
 
+    def solve(self, values: torch.Tensor) -> torch.Tensor:
+        """``S⁻¹ · values`` (the same pseudo-inverse as :meth:`solve_transpose`)."""
+        if self.solver == "identity":
+            return values
+        if self.solver == "eigh":  # S⁻¹ = Λ^-½ Qᵀ
+            return self.inverse_root[:, None] * (self.eigenvectors.T @ values)
+        return torch.linalg.solve_triangular(self.matrix, values, upper=False)
+
     def solve_transpose(self, values: torch.Tensor) -> torch.Tensor:
         """``S⁻ᵀ · values``."""
         if self.solver == "identity":

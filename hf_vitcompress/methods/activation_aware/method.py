@@ -12,6 +12,7 @@ Pipeline, each step optional where the config says so:
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
@@ -23,7 +24,7 @@ from tqdm.auto import tqdm
 from ...budget import DENSE
 from ...calibration.blocks import BlockInputs, capture_block_inputs, capture_module_input
 from ...calibration.distributed import SINGLE_PROCESS, CalibrationProcesses
-from ...calibration.gram import LayerStatistics, record_linear_inputs, sum_over_processes
+from ...calibration.gram import LayerStatistics, PairedStatistics, record_linear_inputs, sum_over_processes
 from ...calibration.sensitivity import OutputSensitivity, accumulate_sensitivity
 from ...calibration.validation import CalibrationSplit, HeldOutReference, forward_batch, split_for_validation
 from ...configuration import CompressionConfig
@@ -31,7 +32,7 @@ from ...layers import LowRankLinear
 from ...plan import CompressionPlan, LayerPlan, count_parameters, set_submodule
 from .compensation import CompensationResult, train_compensation
 from .factorization import WhitenedSVD
-from .selection import factorize_layers, needs_selection, needs_sensitivity, select_factorization
+from .selection import factorize_layers, judge_sequential, needs_selection, needs_sensitivity, select_factorization
 
 
 @dataclass
@@ -42,6 +43,7 @@ class CompressionReport:
     compensation: list[CompensationResult] = field(default_factory=list)
     selection: dict | None = None  # every candidate's held-out score and the winner (also in the plan)
     selection_seconds: float = 0.0  # what choosing cost: the SVDs of every factorization and the held-out passes
+    sequential_seconds: float = 0.0  # the block-by-block stage (sequential calibration and compensation)
 
 
 def needs_calibration(config: CompressionConfig) -> bool:
@@ -74,9 +76,11 @@ def index_calibration_stream(batches, config: CompressionConfig) -> Iterator[Cal
 def _install(model: nn.Module, name: str, svd: WhitenedSVD, rank: int) -> LowRankLinear:
     dense = model.get_submodule(name)
     up, down = svd.factors(rank)
-    layer = LowRankLinear.from_factors(
-        up.to(dense.weight.dtype), down.to(dense.weight.dtype), None if dense.bias is None else dense.bias.detach()
-    )
+    bias = None if dense.bias is None else dense.bias.detach()
+    shift = svd.bias_shift(rank) if bias is not None else None
+    if shift is not None:  # an output-matched pair (sequential): its bias restores the dense mean output
+        bias = (bias.to(torch.float64) + shift.to(bias.device)).to(bias.dtype)
+    layer = LowRankLinear.from_factors(up.to(dense.weight.dtype), down.to(dense.weight.dtype), bias)
     layer.to(dense.weight.device)
     set_submodule(model, name, layer)
     return layer
@@ -157,9 +161,7 @@ def compress_activation_aware(
     svds, ranks, budget = selection.svds, selection.ranks, selection.budget
     processes.check_same("the rank allocation", {name: None if rank is DENSE else rank for name, rank in ranks.items()})
     report.solvers = {name: svd.solver for name, svd in svds.items()}
-    if len(selection.scores) > 1:
-        report.selection = selection.record()
-        report.selection_seconds = selection.seconds
+    report.selection_seconds = selection.seconds
     statistics = None  # the Grams are no longer needed (sequential calibration collects its own)
 
     # 4. install
@@ -168,6 +170,9 @@ def compress_activation_aware(
             if ranks[name] is not DENSE:
                 _install(model, name, svds[name], ranks[name])
     else:
+        sequential_start = time.perf_counter()
+        one_shot = dict(svds)  # sequential calibration replaces entries; 'auto' may return to these
+        originals = {name: model.get_submodule(name) for name in targets}
         dense_inputs, working_inputs = first_inputs, first_inputs.clone()
         dense_blocks, working_blocks = blocks
         for index, groups in enumerate(tqdm(block_groups, desc="blocks", disable=not progress, unit="block")):
@@ -175,21 +180,19 @@ def compress_activation_aware(
                 chosen_names = [name for name in group if ranks[name] is not DENSE]
                 if not chosen_names:
                     continue
+                pairs = _InputPairs(
+                    dense_blocks[index],
+                    working_blocks[index],
+                    dense_model.get_submodule(chosen_names[0]),  # the group's linears read the same input
+                    model.get_submodule(chosen_names[0]),
+                    dense_inputs,
+                    working_inputs,
+                )
                 if config.sequential:
-                    group_statistics: dict[str, LayerStatistics] = {}
-                    with (
-                        processes.together("sequential calibration"),
-                        torch.no_grad(),
-                        record_linear_inputs(model, chosen_names[:1], group_statistics),
-                    ):
-                        working_inputs.through(working_blocks[index])
-                    sum_over_processes(group_statistics, processes, model)
-                    shared = group_statistics[chosen_names[0]]  # the group's linears read the same input
-                    svds.update(
-                        factorize_layers(
-                            model, chosen_names, dict.fromkeys(chosen_names, shared), chosen, config, sensitivity
-                        )
-                    )
+                    with processes.together("sequential calibration"):
+                        paired = _paired_statistics(pairs)
+                    paired.sum_over_processes(processes)
+                    svds.update(factorize_layers(model, chosen_names, None, chosen, config, sensitivity, paired=paired))
                 installed = {name: _install(model, name, svds[name], ranks[name]) for name in chosen_names}
                 if config.compensation_rank > 0 and config.compensation_epochs > 0:
                     report.compensation += train_compensation(
@@ -197,14 +200,7 @@ def compress_activation_aware(
                             name: (dense_model.get_submodule(name).weight.detach(), installed[name])
                             for name in chosen_names
                         },
-                        _InputPairs(
-                            dense_blocks[index],
-                            working_blocks[index],
-                            dense_model.get_submodule(chosen_names[0]),
-                            model.get_submodule(chosen_names[0]),
-                            dense_inputs,
-                            working_inputs,
-                        ),
+                        replace(pairs, working_linear=installed[chosen_names[0]]),  # the linear just installed
                         residual_rank=config.compensation_rank,
                         epochs=config.compensation_epochs,
                         lr=config.compensation_lr,
@@ -216,6 +212,11 @@ def compress_activation_aware(
         for name in extra_targets:  # outside the blocks: one-shot from the dense statistics
             if ranks[name] is not DENSE:
                 _install(model, name, svds[name], ranks[name])
+        if config.sequential == "auto":
+            judge_sequential(model, selection, reference, one_shot, originals, _install, processes)
+        report.sequential_seconds = time.perf_counter() - sequential_start
+    if len(selection.scores) > 1:
+        report.selection = selection.record()
 
     plan = CompressionPlan(
         layers={
@@ -254,3 +255,14 @@ class _InputPairs:
                 self.working_block(working.hidden[i], *working.args[i], **working.kwargs[i])
         width = dense_seen[0].shape[-1]
         return dense_seen[0].reshape(-1, width), working_seen[0].reshape(-1, width)
+
+
+def _paired_statistics(pairs: _InputPairs) -> PairedStatistics:
+    """This process's :class:`PairedStatistics` of one layer group's input over its calibration batches
+    (empty, not missing, on a process without batches, so the sum over processes still meets)."""
+    linear = pairs.working_linear
+    paired = PairedStatistics.empty(linear.in_features, device=next(linear.parameters()).device)
+    with torch.no_grad():
+        for i in range(len(pairs)):
+            paired.update(*pairs[i])
+    return paired

@@ -28,12 +28,12 @@ from torch import nn
 
 from ...budget import ALLOCATORS, DENSE, ParameterBudget, RankCandidate, make_budget
 from ...calibration.distributed import SINGLE_PROCESS, CalibrationProcesses
-from ...calibration.gram import LayerStatistics
+from ...calibration.gram import LayerStatistics, PairedStatistics
 from ...calibration.sensitivity import OutputSensitivity
 from ...calibration.validation import HeldOutReference
 from ...configuration import ALLOCATION_CHOICES, LOSS_WEIGHTING_CHOICES, WHITENING_CHOICES, CompressionConfig
 from ...plan import count_parameters, set_submodule
-from .factorization import WhitenedSVD, output_errors, whitened_svd
+from .factorization import WhitenedSVD, output_errors, output_matched_svd, whitened_svd
 
 
 @dataclass(frozen=True)
@@ -55,6 +55,7 @@ class CandidateScore:
     rank_allocation: str
     output_error: float | None  # on the held-out images; None when nothing was measured (one candidate)
     parameters: int
+    sequential: bool = False  # fitted block by block to the dense outputs (sequential='auto' tries it last)
 
 
 @dataclass
@@ -70,6 +71,8 @@ class Selection:
     metric: str | None
     held_out_images: int
     seconds: float
+    errors: torch.Tensor | None = None  # the winner's per-image held-out errors (None when nothing was measured)
+    sequential: bool = False  # set when sequential='auto' kept the block-by-block fit
 
     def record(self) -> dict:
         """Plain data for the plan: what was tried, on what, and what won."""
@@ -80,6 +83,7 @@ class Selection:
                 "whitening": self.factorization.whitening,
                 "loss_weighting": self.factorization.loss_weighting,
                 "rank_allocation": self.rank_allocation,
+                "sequential": self.sequential,
             },
             "candidates": [asdict(score) for score in self.scores],
         }
@@ -100,10 +104,12 @@ def candidate_grid(config: CompressionConfig) -> list[tuple[Factorization, list[
 
 
 def needs_selection(config: CompressionConfig) -> bool:
+    """Whether anything is chosen by the held-out output error (so held-out images are set aside)."""
     return config.method == "activation_aware" and "auto" in (
         config.whitening,
         config.rank_allocation,
         config.loss_weighting,
+        config.sequential,
     )
 
 
@@ -119,8 +125,12 @@ def factorize_layers(
     config: CompressionConfig,
     sensitivity: OutputSensitivity | None = None,
     release: bool = False,
+    paired: PairedStatistics | None = None,
 ) -> dict[str, WhitenedSVD]:
     """The (weighted, whitened) SVD of each named linear.
+
+    With ``paired`` (the statistics of the named linears' shared input in the compressed and the dense
+    model), each layer is fitted to the dense layer's output instead (:func:`output_matched_svd`).
 
     ``release=True`` removes each layer's statistics from ``statistics`` as soon as its SVD exists, so
     the Gram matrices of all layers and the factors of all layers are never held at the same time
@@ -136,6 +146,16 @@ def factorize_layers(
             if sensitivity is None or name not in sensitivity.sums:
                 raise ValueError(f"loss_weighting='fisher' needs output sensitivities for {name!r}.")
             weights = sensitivity.weights(name)
+        if paired is not None:
+            svds[name] = output_matched_svd(
+                model.get_submodule(name).weight,
+                paired,
+                whitening=factorization.whitening,
+                gram_shrinkage=config.gram_shrinkage,
+                damping=config.damping,
+                output_weights=weights,
+            )
+            continue
         svds[name] = whitened_svd(
             model.get_submodule(name).weight,
             layer_statistics,
@@ -205,11 +225,12 @@ def select_factorization(
     start = time.perf_counter()
     grid = candidate_grid(config)
     count = sum(len(allocations) for _, allocations in grid)
-    if count > 1 and (reference is None or reference.total_images() == 0):
+    measured = count > 1 or config.sequential == "auto"  # the block-by-block fit is compared with the winner
+    if measured and (reference is None or reference.total_images() == 0):
         raise ValueError(
             "Choosing the factorization by measurement needs held-out calibration images, and none were held out "
             "(one image in every validation_interval is). Pass more calibration images, or fix the choice with "
-            "whitening=..., rank_allocation=... and loss_weighting=... (none of them 'auto')."
+            "whitening=..., rank_allocation=..., loss_weighting=... and sequential=... (none of them 'auto')."
         )
     originals = {name: model.get_submodule(name) for name in targets}
     total = count_parameters(model)
@@ -236,7 +257,7 @@ def select_factorization(
         for allocation in allocations:
             ranks = ALLOCATORS[allocation](candidates, budget.candidate_budget)
             errors, error = None, None
-            if count > 1:
+            if measured:
                 _install_all(model, svds, ranks, install)
                 parameters = count_parameters(model)
                 errors = reference.per_image_errors(model)
@@ -254,12 +275,12 @@ def select_factorization(
             # the grid's order is the prior (Gram whitening and global allocation first): a later candidate
             # wins only by a margin the held-out images can tell from noise
             if best is None or reference.significantly_lower(errors, best_errors):
-                best = Selection(factorization, allocation, svds, ranks, budget, [], None, 0, 0.0)
+                best = Selection(factorization, allocation, svds, ranks, budget, [], None, 0, 0.0, errors)
                 best_errors = errors
         del svds
     best.scores = scores
     best.metric = (
-        None if count == 1 else ("kl_divergence" if reference.kind == "logits" else "relative_squared_feature_error")
+        None if not measured else ("kl_divergence" if reference.kind == "logits" else "relative_squared_feature_error")
     )
     best.held_out_images = reference.total_images() if reference is not None else 0
     best.seconds = time.perf_counter() - start
@@ -268,3 +289,48 @@ def select_factorization(
         (best.factorization.label, best.rank_allocation, sorted((name, rank) for name, rank in best.ranks.items())),
     )
     return best
+
+
+def judge_sequential(
+    model: nn.Module,
+    selection: Selection,
+    reference: HeldOutReference,
+    one_shot: dict[str, WhitenedSVD],
+    originals: dict[str, nn.Module],
+    install: Callable[[nn.Module, str, WhitenedSVD, int], nn.Module],
+    processes: CalibrationProcesses = SINGLE_PROCESS,
+) -> bool:
+    """``sequential='auto'``: keep the block-by-block fit now installed in ``model`` only if its held-out
+    output error is lower than the one-shot winner's by more than two standard errors; otherwise install
+    the one-shot factors again (``originals``: the dense linears they replace). Recorded as the last candidate of ``selection``; returns whether it was kept.
+
+    It is judged end to end because fitting every layer better to its dense output does not make the
+    model's output better everywhere: on DINOv2-S it does not (benchmarks/RESULTS.md).
+    """
+    errors = reference.per_image_errors(model)
+    kept = reference.significantly_lower(errors, selection.errors)
+    winner = (selection.factorization.whitening, selection.factorization.loss_weighting, selection.rank_allocation)
+    chosen = next(
+        score
+        for score in selection.scores
+        if not score.sequential and (score.whitening, score.loss_weighting, score.rank_allocation) == winner
+    )
+    selection.scores.append(
+        CandidateScore(
+            chosen.whitening,
+            chosen.loss_weighting,
+            chosen.rank_allocation,
+            _rounded(reference.total(errors)),
+            count_parameters(model),
+            sequential=True,
+        )
+    )
+    if kept:
+        selection.sequential, selection.errors = True, errors
+    else:
+        for name, rank in selection.ranks.items():
+            if rank is not DENSE:
+                set_submodule(model, name, originals[name])
+                install(model, name, one_shot[name], rank)
+    processes.check_same("the sequential choice", kept)
+    return kept
