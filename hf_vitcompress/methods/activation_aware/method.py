@@ -6,8 +6,9 @@ Pipeline, each step optional where the config says so:
 2. per layer, a whitened SVD, which gives the output error of every candidate rank;
 3. one global rank allocation to the whole-model parameter budget (``budget.py``);
 4. installing the factor pairs, either all at once from the dense statistics, or block by block
-   (``sequential=True``: each layer re-calibrated on the compressed model's own activations), with
-   the error-compensation residual trained per layer group (``compensation_rank > 0``).
+   (``sequential=True``: each layer fitted to the dense layer's output on the compressed model's own
+   activations; ``'auto'``: kept only if the held-out output error drops), with the error-compensation
+   residual trained per layer group (``compensation_rank > 0``).
 """
 
 from __future__ import annotations
@@ -32,7 +33,14 @@ from ...layers import LowRankLinear
 from ...plan import CompressionPlan, LayerPlan, count_parameters, set_submodule
 from .compensation import CompensationResult, train_compensation
 from .factorization import WhitenedSVD
-from .selection import factorize_layers, judge_sequential, needs_selection, needs_sensitivity, select_factorization
+from .selection import (
+    factorize_layers,
+    install_all,
+    judge_sequential,
+    needs_selection,
+    needs_sensitivity,
+    select_factorization,
+)
 
 
 @dataclass
@@ -166,9 +174,7 @@ def compress_activation_aware(
 
     # 4. install
     if not block_wise:
-        for name in targets:
-            if ranks[name] is not DENSE:
-                _install(model, name, svds[name], ranks[name])
+        install_all(model, svds, ranks, _install)
     else:
         sequential_start = time.perf_counter()
         one_shot = dict(svds)  # sequential calibration replaces entries; 'auto' may return to these

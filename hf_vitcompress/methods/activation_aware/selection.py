@@ -198,11 +198,19 @@ def _rounded(value: float | None) -> float | None:
     return None if value is None else float(f"{value:.4g}")
 
 
-def _install_all(
-    model: nn.Module, svds: dict[str, WhitenedSVD], ranks: dict[str, int | None], install: Callable
+def install_all(
+    model: nn.Module,
+    svds: dict[str, WhitenedSVD],
+    ranks: dict[str, int | None],
+    install: Callable,
+    originals: dict[str, nn.Module] | None = None,
 ) -> None:
+    """Install every layer whose rank is not ``DENSE``; ``originals`` (the dense linears) are put back first
+    where ``model`` already holds other factors."""
     for name, rank in ranks.items():
         if rank is not DENSE:
+            if originals is not None:
+                set_submodule(model, name, originals[name])
             install(model, name, svds[name], rank)
 
 
@@ -258,7 +266,7 @@ def select_factorization(
             ranks = ALLOCATORS[allocation](candidates, budget.candidate_budget)
             errors, error = None, None
             if measured:
-                _install_all(model, svds, ranks, install)
+                install_all(model, svds, ranks, install)
                 parameters = count_parameters(model)
                 errors = reference.per_image_errors(model)
                 error = reference.total(errors)
@@ -328,9 +336,6 @@ def judge_sequential(
     if kept:
         selection.sequential, selection.errors = True, errors
     else:
-        for name, rank in selection.ranks.items():
-            if rank is not DENSE:
-                set_submodule(model, name, originals[name])
-                install(model, name, one_shot[name], rank)
+        install_all(model, one_shot, selection.ranks, install, originals)
     processes.check_same("the sequential choice", kept)
     return kept
