@@ -147,9 +147,10 @@ class CompressionConfig:
         metadata={
             "help": "True: factorize block by block, each layer fitted to the dense layer's output on the inputs the "
             "already compressed layers produce (the least-squares map, then its whitened SVD, and a corrected bias); "
-            "'auto': do that and keep it only where the held-out output error drops. Default False: on DINOv2-S it "
-            "made the model worse and doubled the compression time; on all-MiniLM-L6-v2 and the Fashion-MNIST ViT it "
-            "helped (benchmarks/RESULTS.md)."
+            "'auto': do that and keep it only where the held-out output error drops. Default False: it fits the "
+            "calibration distribution closer, which helped all-MiniLM-L6-v2 and the Fashion-MNIST ViT (measured on "
+            "that distribution) and made DINOv2-S worse on another domain than it was calibrated on, where 'auto' "
+            "kept it too, for twice the compression time (benchmarks/RESULTS.md)."
         },
     )
     compensation_rank: int | None = field(

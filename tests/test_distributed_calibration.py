@@ -15,8 +15,9 @@ from hf_vitcompress.calibration.distributed import CalibrationProcessError, Cali
 from .conftest import tiny_vit
 
 CONFIGS = {
-    # one statistics pass, then a block-by-block pass re-calibrated on the compressed activations
-    "sequential": dict(target_param_ratio=0.6, sequential=True, compensation_rank=0),
+    # one statistics pass, then a block-by-block fit to the dense outputs on the compressed activations,
+    # judged on the held-out images (the judgement, too, must be the same on every process count)
+    "sequential": dict(target_param_ratio=0.6, sequential="auto", compensation_rank=0),
     "head_factorization": dict(method="head_factorization", target_param_ratio=0.7),
     "taylor_pruning": dict(method="pruning", target_flops_ratio=0.7, pruning_importance="taylor"),
     # compensation residuals trained on every batch in the single-process order
