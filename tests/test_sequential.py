@@ -56,6 +56,19 @@ def test_output_matched_pair_is_the_optimal_reduced_rank_fit():
         assert measured == pytest.approx(floor + float(svd.spectrum[rank:].sum()), rel=1e-7, abs=1e-9)
 
 
+def test_a_layer_without_bias_is_fitted_through_the_origin():
+    """No bias to correct: the optimum is over ``A B`` alone (uncentered), and no bias shift is set."""
+    x, x_compressed, weight, _ = _pair(3)
+    svd = output_matched_svd(weight, _paired(x, x_compressed), damping=0.0, ridge=0.0, free_bias=False)
+    assert svd.bias_shift(4) is None
+    solution = torch.linalg.lstsq(x_compressed, x @ weight.T).solution
+    floor = float((x_compressed @ solution - x @ weight.T).square().sum(1).mean())
+    for rank in (3, 8):
+        up, down = svd.factors(rank)
+        measured = _error(x, x_compressed, weight, 0.0, up, down, 0.0)
+        assert measured == pytest.approx(floor + float(svd.spectrum[rank:].sum()), rel=1e-7, abs=1e-9)
+
+
 def test_output_matched_pair_beats_factorizing_the_weight_on_the_compressed_inputs():
     """The previous sequential objective approximated ``W`` on ``x'``, carrying the upstream error along;
     fitting the dense output corrects it."""

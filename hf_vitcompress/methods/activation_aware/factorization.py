@@ -140,6 +140,7 @@ def output_matched_svd(
     damping: float = 1e-6,
     output_weights: torch.Tensor | None = None,
     ridge: float | None = None,
+    free_bias: bool = True,
 ) -> WhitenedSVD:
     """Factor pairs fitted to the *dense* layer's output ``W x`` on the *compressed* model's inputs ``x'``.
 
@@ -159,7 +160,8 @@ def output_matched_svd(
     1-10x more tokens than inputs), so with many tokens the fit is the data's and with few it stays
     nearer ``W``. Where nothing upstream is compressed (``x' = x``) ``M* = W`` for every λ.
 
-    Other whitenings factorize the same ``M*`` their own way.
+    Other whitenings factorize the same ``M*`` their own way. A layer without a bias has none to correct
+    (``free_bias=False``): the statistics are then not centered and no bias shift is set.
     """
     tokens = paired.tokens
     if tokens == 0:
@@ -167,6 +169,8 @@ def output_matched_svd(
     compressed = paired.compressed
     input_mean = compressed.linear_sum / tokens
     dense_mean = paired.dense_sum / tokens
+    if not free_bias:  # fit through the origin: uncentered second moments
+        input_mean, dense_mean = torch.zeros_like(input_mean), torch.zeros_like(dense_mean)
     covariance = compressed.gram / tokens - torch.outer(input_mean, input_mean)
     cross = paired.cross / tokens - torch.outer(input_mean, dense_mean)
     w = weight.detach().to(device=covariance.device, dtype=torch.float64)
@@ -180,6 +184,7 @@ def output_matched_svd(
         target = root.solve_transpose(root.solve((cross + strength * identity) @ w.T)).T  # W (Kᵀ + λsI) C_λ⁻¹
     centered = LayerStatistics(gram=covariance * tokens, abs_sum=compressed.abs_sum, tokens=tokens)
     svd = whitened_svd(target, centered, whitening, gram_shrinkage, damping, output_weights)
-    svd.target_mean = w @ dense_mean
-    svd.input_mean = input_mean
+    if free_bias:
+        svd.target_mean = w @ dense_mean
+        svd.input_mean = input_mean
     return svd

@@ -147,13 +147,15 @@ def factorize_layers(
                 raise ValueError(f"loss_weighting='fisher' needs output sensitivities for {name!r}.")
             weights = sensitivity.weights(name)
         if paired is not None:
+            module = model.get_submodule(name)
             svds[name] = output_matched_svd(
-                model.get_submodule(name).weight,
+                module.weight,
                 paired,
                 whitening=factorization.whitening,
                 gram_shrinkage=config.gram_shrinkage,
                 damping=config.damping,
                 output_weights=weights,
+                free_bias=module.bias is not None,
             )
             continue
         svds[name] = whitened_svd(
