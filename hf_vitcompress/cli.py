@@ -193,17 +193,11 @@ def cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
         **({"merged_to_dense_by_tuning": len(plan.tuning["merged_to_dense"])} if plan.tuning else {}),
         # the factorization the default chose on the held-out images, and how long choosing took
         **({"chosen_factorization": plan.selection["chosen"]} if plan.selection else {}),
-        **(
-            {"selection_seconds": round(compressed.compression_report.selection_seconds, 1)}
-            if getattr(getattr(compressed, "compression_report", None), "selection_seconds", 0)
-            else {}
-        ),
-        **(
-            {"sequential_seconds": round(compressed.compression_report.sequential_seconds, 1)}
-            if getattr(getattr(compressed, "compression_report", None), "sequential_seconds", 0)
-            else {}
-        ),
     }
+    report = getattr(compressed, "compression_report", None)
+    for stage in ("selection_seconds", "sequential_seconds"):  # what choosing and the block-by-block fit cost
+        if getattr(report, stage, 0):
+            summary[stage] = round(getattr(report, stage), 1)
     if processes.is_main:
         print(json.dumps(summary, indent=2))
     return summary

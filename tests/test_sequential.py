@@ -151,6 +151,7 @@ def test_sequential_layers_fit_the_dense_output_on_their_own_inputs(pixels, name
     sequential = compress(dense, CompressionConfig(**FIXED, sequential=True), pixels, progress=False)
     one_shot = compress(dense, CompressionConfig(**FIXED), pixels, progress=False)
     assert sequential.compression_plan.layers == one_shot.compression_plan.layers  # the same allocation
+    assert one_shot.compression_report.selection_seconds == 0  # nothing was chosen, nothing is reported
     inputs, target = _inputs_and_targets(dense, sequential, name, pixels)
     with torch.no_grad():
         fitted = (sequential.get_submodule(name)(inputs) - target).square().sum()
@@ -176,6 +177,7 @@ def test_sequential_auto_keeps_the_fit_only_when_the_held_out_error_drops(pixels
     assert [c["sequential"] for c in selection["candidates"]] == [False, True]
     assert all(c["output_error"] > 0 for c in selection["candidates"])
     assert auto.compression_report.sequential_seconds > 0
+    assert auto.compression_report.selection_seconds > 0
     for name in auto.compression_plan.layers:
         torch.testing.assert_close(
             auto.get_submodule(name).dense_weight(), expected.get_submodule(name).dense_weight(), rtol=1e-5, atol=1e-6

@@ -169,7 +169,6 @@ def compress_activation_aware(
     svds, ranks, budget = selection.svds, selection.ranks, selection.budget
     processes.check_same("the rank allocation", {name: None if rank is DENSE else rank for name, rank in ranks.items()})
     report.solvers = {name: svd.solver for name, svd in svds.items()}
-    report.selection_seconds = selection.seconds
     statistics = None  # the Grams are no longer needed (sequential calibration collects its own)
 
     # 4. install
@@ -221,8 +220,9 @@ def compress_activation_aware(
         if config.sequential == "auto":
             judge_sequential(model, selection, reference, one_shot, originals, _install, processes)
         report.sequential_seconds = time.perf_counter() - sequential_start
-    if len(selection.scores) > 1:
+    if len(selection.scores) > 1:  # something was chosen by measurement
         report.selection = selection.record()
+        report.selection_seconds = selection.seconds
 
     plan = CompressionPlan(
         layers={
@@ -268,7 +268,6 @@ def _paired_statistics(pairs: _InputPairs) -> PairedStatistics:
     (empty, not missing, on a process without batches, so the sum over processes still meets)."""
     linear = pairs.working_linear
     paired = PairedStatistics.empty(linear.in_features, device=next(linear.parameters()).device)
-    with torch.no_grad():
-        for i in range(len(pairs)):
-            paired.update(*pairs[i])
+    for i in range(len(pairs)):
+        paired.update(*pairs[i])
     return paired

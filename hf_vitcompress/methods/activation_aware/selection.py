@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from torch import nn
@@ -312,7 +312,8 @@ def judge_sequential(
 ) -> bool:
     """``sequential='auto'``: keep the block-by-block fit now installed in ``model`` only if its held-out
     output error is lower than the one-shot winner's by more than two standard errors; otherwise install
-    the one-shot factors again (``originals``: the dense linears they replace). Recorded as the last candidate of ``selection``; returns whether it was kept.
+    the one-shot factors again (``originals``: the dense linears they replace). Recorded as the last
+    candidate of ``selection``; returns whether it was kept.
 
     It is judged end to end because fitting every layer closer to its dense output does not always lower
     the model's output error. What it cannot see is a change of domain: the held-out images come from the
@@ -328,13 +329,8 @@ def judge_sequential(
         if not score.sequential and (score.whitening, score.loss_weighting, score.rank_allocation) == winner
     )
     selection.scores.append(
-        CandidateScore(
-            chosen.whitening,
-            chosen.loss_weighting,
-            chosen.rank_allocation,
-            _rounded(reference.total(errors)),
-            count_parameters(model),
-            sequential=True,
+        replace(
+            chosen, output_error=_rounded(reference.total(errors)), parameters=count_parameters(model), sequential=True
         )
     )
     if kept:
