@@ -77,6 +77,11 @@ ROWS = {
         whitening="gram", loss_weighting="fisher", rank_allocation="global", sequential=True
     ),
     "default, sequential='auto'": dict(sequential="auto"),
+    "full whitening + Fisher, global, shared q/k/v": dict(
+        whitening="gram", loss_weighting="fisher", rank_allocation="global", shared_qkv=True
+    ),
+    "default, shared_qkv=True": dict(shared_qkv=True),
+    "default, shared_qkv='auto'": dict(shared_qkv="auto"),
 }
 
 
@@ -384,6 +389,7 @@ def run_minilm(rows: dict) -> dict:
                 iter(calibration),
                 (dense.encoder.layer, working.encoder.layer),
                 progress=False,
+                shareable=[tuple(block[0]) for block in groups],  # BertSelfAttention reads its input only via q/k/v
             )
             seconds = time.time() - start
             working.compression_plan = plan

@@ -18,6 +18,7 @@ import torch
 from .layers import break_even_rank
 
 DENSE = None  # allocation value meaning "keep this layer dense"
+SHARED = "shared"  # allocation value of a layer whose weights a JointCandidate chosen in its place holds
 
 
 class BudgetError(ValueError):
@@ -55,11 +56,25 @@ class RankCandidate:
     def dense_cost(self) -> int:
         return self.dense_parameters if self.dense_parameters is not None else self.in_features * self.out_features
 
-    def cost(self, rank: int | None) -> int:
+    def cost(self, rank: int | str | None) -> int:
+        if rank == SHARED:
+            return 0  # paid by the joint candidate
         return self.dense_cost if rank is DENSE else rank * self.rank_cost
 
     def error(self, rank: int | None) -> float:
         return 0.0 if rank is DENSE else float(self.errors[rank])
+
+
+@dataclass
+class JointCandidate:
+    """Another way to spend weights on several candidates' matrices at once (q, k and v factorized together,
+    one shared down-projection): ``candidate`` is the stacked matrix's factorization, in the same error units
+    as the ``members`` it stands for. :func:`allocate_global` picks, per joint candidate, either it at some
+    rank (its members then get :data:`SHARED`) or the members each their own rank; it never keeps it dense
+    (that is the members kept dense)."""
+
+    candidate: RankCandidate
+    members: tuple[str, ...]
 
 
 @dataclass
@@ -91,8 +106,16 @@ def make_budget(dense_parameters: int, candidates: Sequence[RankCandidate], rati
     return budget
 
 
-def _total(candidates: Sequence[RankCandidate], ranks: dict[str, int | None]) -> int:
-    return sum(c.cost(ranks[c.name]) for c in candidates)
+def _total(candidates: Sequence[RankCandidate], ranks: dict[str, int | str | None]) -> int:
+    """Weights ``ranks`` spends on ``candidates`` (joint candidates included where ``ranks`` chose them)."""
+    return sum(c.cost(ranks[c.name]) for c in candidates if c.name in ranks)
+
+
+def allocated_parameters(
+    candidates: Sequence[RankCandidate], joints: Sequence[JointCandidate], ranks: dict[str, int | str | None]
+) -> int:
+    """Weights an allocation spends, separate and joint candidates together."""
+    return _total([*candidates, *(joint.candidate for joint in joints)], ranks)
 
 
 def _fill(
@@ -107,8 +130,8 @@ def _fill(
     while True:
         best, best_score = None, -math.inf
         for candidate in candidates:
-            rank = ranks[candidate.name]
-            if rank is DENSE:
+            rank = ranks.get(candidate.name, SHARED)
+            if rank is DENSE or rank == SHARED:  # dense, or held by (or standing for) something else
                 continue
             step = rank + 1 if rank < candidate.max_rank else DENSE
             extra = candidate.cost(step) - candidate.cost(rank)
@@ -124,29 +147,44 @@ def _fill(
         spent += extra
 
 
-def allocate_global(candidates: Sequence[RankCandidate], budget: int) -> dict[str, int | None]:
+def allocate_global(
+    candidates: Sequence[RankCandidate], budget: int, joints: Sequence[JointCandidate] = ()
+) -> dict[str, int | str | None]:
     """Mixed ranks minimizing the summed error within ``budget`` weights.
 
     Lagrangian relaxation: for a price λ each layer independently picks the rank (or dense) that
     minimizes ``error + λ·cost`` — exact per layer, including the dense/factorized cliff that a
     one-component-at-a-time greedy cannot see — and λ is bisected to the cheapest price that fits.
-    The leftover is filled greedily by error reduction per weight.
+    A joint candidate is taken where its best ``error + λ·cost`` is below the sum of its members' (the
+    same exact per-group choice). The leftover is filled greedily by error reduction per weight, within
+    what was chosen. The result names every candidate, and each joint candidate that was taken.
     """
 
-    def choose(price: float) -> dict[str, int | None]:
-        choice = {}
+    def best_rank(c: RankCandidate, price: float) -> tuple[int | None, float]:
+        ranks = torch.arange(1, c.max_rank + 1, dtype=torch.float64)
+        objective = c.errors[1 : c.max_rank + 1].double() + price * ranks * c.rank_cost
+        best = int(torch.argmin(objective)) + 1 if c.max_rank >= 1 else 1
+        dense_objective = price * c.dense_cost
+        if c.max_rank < 1 or dense_objective <= float(objective[best - 1]):
+            return DENSE, dense_objective
+        return best, float(objective[best - 1])
+
+    def choose(price: float) -> dict[str, int | str | None]:
+        choice, objectives = {}, {}
         for c in candidates:
-            ranks = torch.arange(1, c.max_rank + 1, dtype=torch.float64)
-            objective = c.errors[1 : c.max_rank + 1].double() + price * ranks * c.rank_cost
-            best = int(torch.argmin(objective)) + 1 if c.max_rank >= 1 else 1
-            dense_objective = price * c.dense_cost
-            choice[c.name] = DENSE if c.max_rank < 1 or dense_objective <= float(objective[best - 1]) else best
+            choice[c.name], objectives[c.name] = best_rank(c, price)
+        for joint in joints:
+            rank, objective = best_rank(joint.candidate, price)
+            if rank is not DENSE and objective < sum(objectives[name] for name in joint.members):
+                choice.update(dict.fromkeys(joint.members, SHARED))
+                choice[joint.candidate.name] = rank
         return choice
 
+    everything = [*candidates, *(joint.candidate for joint in joints)]
     if _total(candidates, dense := {c.name: DENSE for c in candidates}) <= budget:
         return dense
     low, high = 0.0, 1.0
-    while _total(candidates, choose(high)) > budget:
+    while _total(everything, choose(high)) > budget:
         high *= 4.0
         if high > 1e300:
             return _fill(candidates, {c.name: 1 for c in candidates}, budget, _gain_per_weight)
@@ -154,13 +192,18 @@ def allocate_global(candidates: Sequence[RankCandidate], budget: int) -> dict[st
         middle = 0.5 * (low + high) if high < 1e-300 or low == 0 else math.sqrt(low * high)
         if middle in (low, high):
             break
-        if _total(candidates, choose(middle)) <= budget:
+        if _total(everything, choose(middle)) <= budget:
             high = middle
         else:
             low = middle
         if high - low <= 1e-12 * high:
             break
-    return _fill(candidates, choose(high), budget, _gain_per_weight)
+    ranks = _fill(everything, choose(high), budget, _gain_per_weight)
+    for joint in joints:  # a joint candidate filled up to dense is its members kept dense (the same weights)
+        if joint.candidate.name in ranks and ranks[joint.candidate.name] is DENSE:
+            del ranks[joint.candidate.name]
+            ranks.update(dict.fromkeys(joint.members, DENSE))
+    return ranks
 
 
 def _gain_per_weight(candidate: RankCandidate, rank: int, step: int | None) -> float:
@@ -168,8 +211,11 @@ def _gain_per_weight(candidate: RankCandidate, rank: int, step: int | None) -> f
     return (candidate.error(rank) - candidate.error(step)) / max(extra, 1)
 
 
-def allocate_uniform(candidates: Sequence[RankCandidate], budget: int) -> dict[str, int | None]:
-    """Every layer at the same fraction of its full rank (the plain-SVD baseline), then filled evenly."""
+def allocate_uniform(
+    candidates: Sequence[RankCandidate], budget: int, joints: Sequence[JointCandidate] = ()
+) -> dict[str, int | None]:
+    """Every layer at the same fraction of its full rank (the plain-SVD baseline), then filled evenly.
+    Joint candidates are not used: a uniform allocation is the per-layer baseline."""
 
     def choose(fraction: float) -> dict[str, int | None]:
         choice = {}
@@ -194,7 +240,7 @@ def allocate_uniform(candidates: Sequence[RankCandidate], budget: int) -> dict[s
     return _fill(candidates, choose(low), budget, lowest_relative_rank)
 
 
-ALLOCATORS: dict[str, Callable[[Sequence[RankCandidate], int], dict[str, int | None]]] = {
+ALLOCATORS: dict[str, Callable[..., dict[str, int | str | None]]] = {
     "global": allocate_global,
     "uniform": allocate_uniform,
 }

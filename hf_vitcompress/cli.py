@@ -264,7 +264,9 @@ def measure_against_reference(
 
         if base and (Path(base).exists() or is_hub_id(base) or args.baseline):
             reference = load_model(base)
-        elif compressed and all(layer.kind == "low_rank" for layer in model.compression_plan.layers.values()):
+        elif compressed and all(
+            layer.kind in ("low_rank", "shared_input") for layer in model.compression_plan.layers.values()
+        ):
             reference, reference_name = dense_equivalent(model), "dense (merged factors)"
     labelled = all("labels" in batch for batch in batches)
     return evaluate_model(

@@ -272,6 +272,7 @@ def compress(
                     (family.blocks(dense), family.blocks(working)),
                     progress=progress,
                     processes=processes,
+                    shareable=family.shareable_groups(working, block_groups),
                 )
     finally:
         model.train(was_training)

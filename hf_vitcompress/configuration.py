@@ -153,6 +153,15 @@ class CompressionConfig:
             "kept it too, for twice the compression time (benchmarks/RESULTS.md)."
         },
     )
+    shared_qkv: bool | str = field(
+        default=False,
+        metadata={
+            "help": "True: global allocation may give each block's q/k/v one shared down-projection (one r x d matrix "
+            "and three up-projections, computed once) instead of three factor pairs, wherever that lowers the "
+            "summed error at equal weights; 'auto': the chosen factorization is tried that way too and kept only "
+            "where the held-out output error drops; False: never."
+        },
+    )
     compensation_rank: int | None = field(
         default=None,
         metadata={
@@ -205,8 +214,10 @@ class CompressionConfig:
             self.rank_allocation = "global" if self.rank_allocation == "auto" else self.rank_allocation
             self.loss_weighting = "none" if self.loss_weighting == "auto" else self.loss_weighting
             self.sequential = False if self.sequential == "auto" else self.sequential
+            self.shared_qkv = False if self.shared_qkv == "auto" else self.shared_qkv
             unsupported = {
                 "sequential=True": self.sequential is True,
+                "shared_qkv=True": self.shared_qkv is True,
                 f"compensation_rank={self.compensation_rank}": self.compensation_rank > 0,
                 f"whitening={self.whitening!r}": self.whitening == "diagonal",
                 f"rank_allocation={self.rank_allocation!r}": self.rank_allocation != "global",
@@ -234,8 +245,17 @@ class CompressionConfig:
         _check_choice("rank_allocation", self.rank_allocation, ALLOCATION_CHOICES)
         _check_choice("error_normalization", self.error_normalization, NORMALIZATION_CHOICES)
         _check_choice("loss_weighting", self.loss_weighting, LOSS_WEIGHTING_CHOICES)
-        if not (isinstance(self.sequential, bool) or self.sequential == "auto"):
-            raise ValueError(f"sequential must be True, False or 'auto', got {self.sequential!r}.")
+        for name in ("sequential", "shared_qkv"):
+            value = getattr(self, name)
+            if not (isinstance(value, bool) or value == "auto"):
+                raise ValueError(f"{name} must be True, False or 'auto', got {value!r}.")
+        if self.compensation_rank > 0 and self.shared_qkv:
+            if self.shared_qkv is True:
+                raise ValueError(
+                    "shared_qkv=True cannot be combined with compensation_rank > 0 (the compensation residual is "
+                    "trained per linear); set one of them off."
+                )
+            self.shared_qkv = False  # 'auto': the compensated per-layer form is what was asked for
         if not 0.0 <= self.gram_shrinkage <= 1.0:
             raise ValueError(f"gram_shrinkage must be in [0, 1], got {self.gram_shrinkage}.")
         if self.damping < 0:

@@ -25,6 +25,7 @@ from .attention import HeadFactorizedAttention
 from .layers import LowRankLinear
 from .metrics.functional import topk_accuracy
 from .plan import count_parameters, set_submodule
+from .shared_input import SharedInputMixin, merge_shared_input
 
 
 def _is_attention(module: nn.Module) -> bool:
@@ -114,7 +115,8 @@ def topk_accuracies(
 
 
 def dense_equivalent(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` with every ``LowRankLinear`` merged back into a dense ``nn.Linear``.
+    """A copy of ``model`` with every ``LowRankLinear`` merged back into a dense ``nn.Linear`` (and every shared
+    down-projection into its dense projections).
 
     Same function and same architecture as the uncompressed model: the fair latency/FLOPs baseline
     when the original dense checkpoint is not at hand.
@@ -123,6 +125,9 @@ def dense_equivalent(model: nn.Module) -> nn.Module:
     for name, module in list(dense.named_modules()):
         if isinstance(module, LowRankLinear):
             set_submodule(dense, name, module.merge())
+    for name, module in list(dense.named_modules()):
+        if isinstance(module, SharedInputMixin):
+            set_submodule(dense, name, merge_shared_input(module))
     return dense
 
 

@@ -83,6 +83,14 @@ def describe_method(config: dict[str, Any], selection: dict[str, Any] | None = N
             "activations"
             + (" (kept because it lowered the held-out error)" if config.get("sequential") == "auto" else "")
         )
+    shared = chosen.get("shared_qkv")
+    where = "where that lowered the summed error" if shared is True else f"in {shared} attention blocks"
+    if shared and shared != "auto":  # a count of blocks from the selection record, or True from the config
+        text += (
+            f"; {where} query, key and value share one down-projection of their input (one thin matrix, computed "
+            "once, and three up-projections)"
+            + (" (kept because it lowered the held-out error)" if config.get("shared_qkv") == "auto" else "")
+        )
     if config.get("compensation_rank", 0):
         text += f", and a rank-{config['compensation_rank']} learned residual compensates the remaining error"
     return "activation-aware mixed-rank factorization", text + "."
@@ -157,9 +165,13 @@ def _plan_row(name: str, layer: Any, dense: nn.Module) -> dict[str, Any]:
         shape = f"{layer.in_features}→{layer.out_features} (pruned)"
     elif layer.kind == "skipped_block":
         shape = "skipped"
+    elif layer.kind == "shared_input":
+        shape = f"shared rank {layer.rank} ({', '.join(layer.projections)})"
     else:
         shape = f"rank {layer.rank}"
-    dense_weights = sum(p.numel() for p in dense.get_submodule(name).parameters())
+    module = dense.get_submodule(name)
+    parts = [getattr(module, p) for p in layer.projections] if layer.kind == "shared_input" else [module]
+    dense_weights = sum(p.numel() for part in parts for p in part.parameters())
     return {"name": name, "rank": shape, "dense": dense_weights, "factorized": layer.num_parameters}
 
 

@@ -14,17 +14,19 @@ from torch import nn
 
 from .attention import HeadFactorizedAttention, head_factorized_parameter_count
 from .layers import IMPLEMENTATIONS, LowRankLinear, SkippedBlock, low_rank_parameter_count
+from .shared_input import share_input, shareable_projections
 
-PLAN_VERSION = 2  # the newest plan this release reads
-# 1: the first format. 2: low-rank layers may record an ``implementation`` and the plan its ``tuning``;
-# a plan is written as version 2 only when it uses them, so untuned checkpoints stay readable by 0.1.
+PLAN_VERSION = 3  # the newest plan this release reads
+# 1: the first format. 2: low-rank layers may record an ``implementation`` and the plan its ``tuning``.
+# 3: ``shared_input`` entries. A plan is written with the lowest version that holds what it uses, so
+# checkpoints that use none of it stay readable by older releases.
 
 
 class PlanMismatchError(ValueError):
     """The plan does not match the model (or the checkpoint) it is applied to."""
 
 
-LAYER_KINDS = ("low_rank", "head_factorized", "pruned_linear", "skipped_block")
+LAYER_KINDS = ("low_rank", "head_factorized", "pruned_linear", "skipped_block", "shared_input")
 
 
 @dataclass
@@ -41,6 +43,9 @@ class LayerPlan:
     * ``kind="pruned_linear"``: an ``nn.Linear`` kept some of its rows / columns; ``in_features`` /
       ``out_features`` are the new, smaller, sizes.
     * ``kind="skipped_block"``: a whole encoder block became a :class:`~hf_vitcompress.layers.SkippedBlock`.
+    * ``kind="shared_input"``: the ``projections`` of an attention (its q/k/v linears, ``in_features`` wide,
+      ``out_features`` outputs in all, biased or not together) read one rank-``rank`` down-projection of its
+      input (:mod:`hf_vitcompress.shared_input`).
     """
 
     kind: str
@@ -53,6 +58,7 @@ class LayerPlan:
     vo_ranks: list[int] | None = None
     qk_bias: bool | None = None
     implementation: str | None = None
+    projections: list[str] | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in LAYER_KINDS:
@@ -63,6 +69,13 @@ class LayerPlan:
         if self.kind in ("pruned_linear", "skipped_block"):
             if min(self.in_features, self.out_features) < 1:
                 raise PlanMismatchError(f"Invalid {self.kind} shape {self.in_features}->{self.out_features}.")
+            return
+        if self.kind == "shared_input":
+            if not self.projections or len(self.projections) < 2 or not 1 <= (self.rank or 0) <= self.in_features:
+                raise PlanMismatchError(
+                    f"Invalid shared_input entry (rank {self.rank}, projections {self.projections}) for width "
+                    f"{self.in_features}."
+                )
             return
         if self.kind == "low_rank":
             if self.implementation is not None and self.implementation not in IMPLEMENTATIONS:
@@ -122,10 +135,15 @@ class CompressionPlan:
         return self.parameters / self.dense_parameters if self.dense_parameters else 1.0
 
     def to_dict(self) -> dict[str, Any]:
+        layers = self.layers.values()
+        if any(layer.kind == "shared_input" for layer in layers):
+            version = 3
+        elif self.tuning is not None or any(layer.implementation for layer in layers):
+            version = 2
+        else:
+            version = 1
         return {
-            "version": 2
-            if self.tuning is not None or any(layer.implementation for layer in self.layers.values())
-            else 1,
+            "version": version,
             "dense_parameters": self.dense_parameters,
             "parameters": self.parameters,
             "layers": {name: layer.to_dict() for name, layer in self.layers.items()},
@@ -197,6 +215,21 @@ def _head_factorized_for(name: str, current: nn.Module, layer: LayerPlan) -> Hea
     )
 
 
+def _shared_input_for(name: str, current: nn.Module, layer: LayerPlan) -> nn.Module:
+    try:
+        linears = shareable_projections(current, layer.projections)
+    except ValueError as error:
+        raise PlanMismatchError(f"The compression plan shares the input of {name!r}: {error}") from error
+    shape = (linears[0].in_features, sum(linear.out_features for linear in linears), linears[0].bias is not None)
+    if shape != (layer.in_features, layer.out_features, layer.bias):
+        raise PlanMismatchError(
+            f"The compression plan expects {name!r}'s {layer.projections} to read width {layer.in_features} and "
+            f"give {layer.out_features} outputs (bias={layer.bias}); the model's read {shape[0]} and give {shape[1]} "
+            f"(bias={shape[2]})."
+        )
+    return share_input(current, layer.projections, layer.rank)
+
+
 def rekey_plan(plan: CompressionPlan, model: nn.Module) -> CompressionPlan:
     """``plan`` with its module names as ``model`` names them.
 
@@ -255,6 +288,9 @@ def apply_plan_structure(model: nn.Module, plan: CompressionPlan) -> None:
             continue
         if layer.kind == "skipped_block":
             set_submodule(model, name, SkippedBlock())
+            continue
+        if layer.kind == "shared_input":
+            set_submodule(model, name, _shared_input_for(name, current, layer))
             continue
         if not isinstance(current, nn.Linear):
             raise PlanMismatchError(

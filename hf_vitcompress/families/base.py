@@ -13,6 +13,9 @@ class FamilyAdapter:
 
     ``linear_groups`` lists a block's linears in the order data flows through them; linears in one
     group read the same input (q/k/v), so sequential calibration handles them together.
+    ``shared_input_groups`` are the indices of groups that are *all* the input projections of their
+    parent module, whose ``forward`` reads its input only through them and its leading shape (ViT's
+    attention): those may share one down-projection (:mod:`hf_vitcompress.shared_input`).
     """
 
     name: str
@@ -22,6 +25,7 @@ class FamilyAdapter:
     linear_groups: tuple[tuple[str, ...], ...]
     compressed_classes: dict[type, type] = field(default_factory=dict)
     config_class: type | None = None
+    shared_input_groups: tuple[int, ...] = ()
 
     @property
     def roles(self) -> tuple[str, ...]:
@@ -59,6 +63,17 @@ class FamilyAdapter:
         return [
             [[f"{prefix}.{index}.{path}" for path in group if is_linear(index, path)] for group in self.linear_groups]
             for index in range(len(blocks))
+        ]
+
+    def shareable_groups(self, model: nn.Module, block_groups: list[list[list[str]]]) -> list[tuple[str, ...]]:
+        """The groups of ``block_groups`` (targets, as :meth:`block_linear_names` lays them out) that may share
+        one down-projection: a shared-input group with every one of its linears targeted."""
+        everything = self.block_linear_names(model)
+        return [
+            tuple(block[g])
+            for block, full in zip(block_groups, everything, strict=True)
+            for g in self.shared_input_groups
+            if g < len(block) and len(block[g]) > 1 and block[g] == full[g]
         ]
 
     def compressed_class_for(self, model: nn.Module) -> type:

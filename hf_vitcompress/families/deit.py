@@ -62,5 +62,6 @@ DEIT_FAMILY = FamilyAdapter(
         DeiTForImageClassification: CompressedDeiTForImageClassification,
         DeiTForImageClassificationWithTeacher: CompressedDeiTForImageClassificationWithTeacher,
     },
+    shared_input_groups=(0,),  # attention.{q,k,v}_proj: ViTAttention reads its input only through them
     config_class=CompressedDeiTConfig,
 )

@@ -49,5 +49,6 @@ VIT_FAMILY = FamilyAdapter(
     backbone_attr="vit",
     linear_groups=TRANSFORMER_BLOCK_LINEARS,
     compressed_classes={ViTModel: CompressedViTModel, ViTForImageClassification: CompressedViTForImageClassification},
+    shared_input_groups=(0,),  # attention.{q,k,v}_proj: ViTAttention reads its input only through them
     config_class=CompressedViTConfig,
 )

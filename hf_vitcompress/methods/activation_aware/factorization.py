@@ -37,6 +37,8 @@ class WhitenedSVD:
     # set by output_matched_svd: the bias that makes the pair's mean output the dense layer's, E[Wx] − AB·E[x']
     target_mean: torch.Tensor | None = None  # [out] W·E[x]
     input_mean: torch.Tensor | None = None  # [in] E[x']
+    # set for a shared down-projection: the stacked outputs' (projection name, rows), in order
+    split: tuple[tuple[str, int], ...] | None = None
 
     @property
     def total_energy(self) -> float:

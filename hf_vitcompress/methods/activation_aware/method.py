@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ...budget import DENSE
+from ...budget import DENSE, SHARED
 from ...calibration.blocks import BlockInputs, capture_block_inputs, capture_module_input
 from ...calibration.distributed import SINGLE_PROCESS, CalibrationProcesses
 from ...calibration.gram import LayerStatistics, PairedStatistics, record_linear_inputs, sum_over_processes
@@ -31,15 +31,19 @@ from ...calibration.validation import CalibrationSplit, HeldOutReference, forwar
 from ...configuration import CompressionConfig
 from ...layers import LowRankLinear
 from ...plan import CompressionPlan, LayerPlan, count_parameters, set_submodule
+from ...shared_input import SharedInputMixin, share_input
 from .compensation import CompensationResult, train_compensation
 from .factorization import WhitenedSVD
 from .selection import (
+    dense_modules,
     factorize_layers,
+    factorize_shared,
     install_all,
     judge_sequential,
     needs_selection,
     needs_sensitivity,
     select_factorization,
+    shared_groups,
 )
 
 
@@ -81,7 +85,11 @@ def index_calibration_stream(batches, config: CompressionConfig) -> Iterator[Cal
     return split_for_validation(batches, config.validation_interval if needs_selection(config) else None)
 
 
-def _install(model: nn.Module, name: str, svd: WhitenedSVD, rank: int) -> LowRankLinear:
+def _install(model: nn.Module, name: str, svd: WhitenedSVD, rank: int) -> nn.Module:
+    """Put the rank-``rank`` factors of ``svd`` in place of ``name``: a :class:`LowRankLinear`, or for a stacked
+    factorization (``svd.split``) the shared-input form of the parent module ``name``."""
+    if svd.split is not None:
+        return _install_shared(model, name, svd, rank)
     dense = model.get_submodule(name)
     up, down = svd.factors(rank)
     bias = None if dense.bias is None else dense.bias.detach()
@@ -94,6 +102,30 @@ def _install(model: nn.Module, name: str, svd: WhitenedSVD, rank: int) -> LowRan
     return layer
 
 
+def _install_shared(model: nn.Module, name: str, svd: WhitenedSVD, rank: int) -> nn.Module:
+    parent = model.get_submodule(name)
+    projections = [projection for projection, _ in svd.split]
+    linears = [getattr(parent, projection) for projection in projections]
+    dtype = linears[0].weight.dtype
+    up, down = svd.factors(rank)
+    ups = up.split([rows for _, rows in svd.split])
+    shift = svd.bias_shift(rank) if linears[0].bias is not None else None
+    shifts = shift.split([rows for _, rows in svd.split]) if shift is not None else [None] * len(linears)
+    biases = [
+        None
+        if linear.bias is None
+        else linear.bias.detach()
+        if extra is None
+        else (linear.bias.detach().to(torch.float64) + extra.to(linear.bias.device)).to(dtype)
+        for linear, extra in zip(linears, shifts, strict=True)
+    ]
+    shared = share_input(parent, projections, rank, down.to(dtype), [u.to(dtype) for u in ups], biases).to(
+        linears[0].weight.device
+    )
+    set_submodule(model, name, shared)
+    return shared
+
+
 def compress_activation_aware(
     model: nn.Module,
     dense_model: nn.Module,
@@ -104,6 +136,7 @@ def compress_activation_aware(
     blocks: tuple[nn.ModuleList, nn.ModuleList],
     progress: bool = True,
     processes: CalibrationProcesses = SINGLE_PROCESS,
+    shareable: list[tuple[str, ...]] | None = None,
 ) -> tuple[CompressionPlan, CompressionReport]:
     """Factorize ``model``'s targets in place (``model`` is a private copy of ``dense_model``).
 
@@ -112,6 +145,9 @@ def compress_activation_aware(
     forward keyword arguments, or :class:`CalibrationSplit` items from :func:`index_calibration_stream`).
     Nothing here is vision-specific: :func:`hf_vitcompress.compress` supplies the family's layout.
     Returns the plan and a report.
+
+    ``shareable``: groups of linears (full names, each all the input projections of one parent module, which
+    reads its input only through them) that may share one down-projection (``config.shared_qkv``).
 
     With several ``processes``, ``batches`` is this process's share: every statistic is summed over
     processes and the compensation residuals are trained data-parallel, so all processes end equal.
@@ -156,8 +192,9 @@ def compress_activation_aware(
 
     # 2-3. factorizations, allocations, and the choice between them by the held-out output error
     log = tqdm.write if progress else (lambda _message: None)
+    groups = shared_groups(model, shareable or []) if config.shared_qkv else []
     selection = select_factorization(
-        model, targets, statistics, sensitivity, reference, config, _install, log, processes
+        model, targets, statistics, sensitivity, reference, config, _install, log, processes, groups
     )
     chosen = selection.factorization
     config = replace(
@@ -177,11 +214,12 @@ def compress_activation_aware(
     else:
         sequential_start = time.perf_counter()
         one_shot = dict(svds)  # sequential calibration replaces entries; 'auto' may return to these
-        originals = {name: model.get_submodule(name) for name in targets}
+        originals = dense_modules(model, targets, groups)
+        parents = {group.members[0]: group for group in groups if group.parent in ranks}
         dense_inputs, working_inputs = first_inputs, first_inputs.clone()
         dense_blocks, working_blocks = blocks
-        for index, groups in enumerate(tqdm(block_groups, desc="blocks", disable=not progress, unit="block")):
-            for group in groups:
+        for index, block in enumerate(tqdm(block_groups, desc="blocks", disable=not progress, unit="block")):
+            for group in block:
                 chosen_names = [name for name in group if ranks[name] is not DENSE]
                 if not chosen_names:
                     continue
@@ -193,10 +231,19 @@ def compress_activation_aware(
                     dense_inputs,
                     working_inputs,
                 )
+                paired = None
                 if config.sequential:
                     with processes.together("sequential calibration"):
                         paired = _paired_statistics(pairs)
                     paired.sum_over_processes(processes)
+                if ranks[chosen_names[0]] == SHARED:  # one shared down-projection for the group
+                    shared = parents[chosen_names[0]]
+                    if paired is not None:
+                        weights = selection.shared_weights[shared.parent]
+                        svds[shared.parent] = factorize_shared(model, shared, None, chosen, config, weights, paired)
+                    _install(model, shared.parent, svds[shared.parent], ranks[shared.parent])
+                    continue
+                if paired is not None:
                     svds.update(factorize_layers(model, chosen_names, None, chosen, config, sensitivity, paired=paired))
                 installed = {name: _install(model, name, svds[name], ranks[name]) for name in chosen_names}
                 if config.compensation_rank > 0 and config.compensation_epochs > 0:
@@ -224,12 +271,25 @@ def compress_activation_aware(
         report.selection = selection.record()
         report.selection_seconds = selection.seconds
 
+    layers = {}
+    for group in groups:
+        if isinstance(module := model.get_submodule(group.parent), SharedInputMixin):
+            linears = [getattr(module, projection) for projection in group.projections]
+            layers[group.parent] = LayerPlan(
+                "shared_input",
+                module.shared_down.in_features,
+                sum(linear.out_features for linear in linears),
+                linears[0].bias is not None,
+                module.shared_rank,
+                projections=list(group.projections),
+            )
+    for name in targets:
+        if isinstance(module := model.get_submodule(name), LowRankLinear):
+            layers[name] = LayerPlan(
+                "low_rank", module.in_features, module.out_features, module.bias is not None, module.rank
+            )
     plan = CompressionPlan(
-        layers={
-            name: LayerPlan("low_rank", module.in_features, module.out_features, module.bias is not None, module.rank)
-            for name in targets
-            if isinstance(module := model.get_submodule(name), LowRankLinear)
-        },
+        layers=layers,
         dense_parameters=budget.dense_parameters,
         parameters=count_parameters(model),
         selection=report.selection,

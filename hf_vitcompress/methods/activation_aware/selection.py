@@ -21,19 +21,72 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from torch import nn
 
-from ...budget import ALLOCATORS, DENSE, ParameterBudget, RankCandidate, make_budget
+from ...budget import (
+    ALLOCATORS,
+    DENSE,
+    SHARED,
+    JointCandidate,
+    ParameterBudget,
+    RankCandidate,
+    allocated_parameters,
+    make_budget,
+)
 from ...calibration.distributed import SINGLE_PROCESS, CalibrationProcesses
 from ...calibration.gram import LayerStatistics, PairedStatistics
 from ...calibration.sensitivity import OutputSensitivity
 from ...calibration.validation import HeldOutReference
 from ...configuration import ALLOCATION_CHOICES, LOSS_WEIGHTING_CHOICES, WHITENING_CHOICES, CompressionConfig
 from ...plan import count_parameters, set_submodule
+from ...shared_input import shareable_projections
 from .factorization import WhitenedSVD, output_errors, output_matched_svd, whitened_svd
+
+
+@dataclass(frozen=True)
+class SharedGroup:
+    """Linears of one module that read the same input (an attention's q, k, v) and may share one
+    down-projection (:mod:`hf_vitcompress.shared_input`); ``parent`` is that module's name, and the name
+    under which the allocation and the factors of the shared form are kept."""
+
+    parent: str
+    members: tuple[str, ...]
+
+    @property
+    def projections(self) -> tuple[str, ...]:
+        return tuple(name.rsplit(".", 1)[1] for name in self.members)
+
+
+def shared_groups(model: nn.Module, groups: Sequence[Sequence[str]]) -> list[SharedGroup]:
+    """The groups (full linear names) that can share a down-projection: two or more plain linears of one parent
+    module, of one input width, biased alike."""
+    found = []
+    for group in groups:
+        parents = {name.rsplit(".", 1)[0] for name in group}
+        if len(group) < 2 or len(parents) != 1:
+            continue
+        shared = SharedGroup(parents.pop(), tuple(group))
+        try:
+            shareable_projections(model.get_submodule(shared.parent), shared.projections)
+        except ValueError:
+            continue
+        found.append(shared)
+    return found
+
+
+def dense_modules(model: nn.Module, targets: Sequence[str], groups: Sequence[SharedGroup] = ()) -> dict[str, nn.Module]:
+    """The modules compression may replace, to put back later: the parents of shared groups first (putting one
+    back undoes its shared form), then the linears."""
+    names = [group.parent for group in groups] + list(targets)
+    return {name: model.get_submodule(name) for name in names}
+
+
+def restore(model: nn.Module, originals: dict[str, nn.Module]) -> None:
+    for name, module in originals.items():
+        set_submodule(model, name, module)
 
 
 @dataclass(frozen=True)
@@ -56,6 +109,7 @@ class CandidateScore:
     output_error: float | None  # on the held-out images; None when nothing was measured (one candidate)
     parameters: int
     sequential: bool = False  # fitted block by block to the dense outputs (sequential='auto' tries it last)
+    shared_qkv: int = 0  # how many q/k/v groups the allocation gave one shared down-projection
 
 
 @dataclass
@@ -73,6 +127,8 @@ class Selection:
     seconds: float
     errors: torch.Tensor | None = None  # the winner's per-image held-out errors (None when nothing was measured)
     sequential: bool = False  # set when sequential='auto' kept the block-by-block fit
+    # the output weights each shared group's stacked factorization used (sequential calibration refits with them)
+    shared_weights: dict[str, torch.Tensor | None] = field(default_factory=dict)
 
     def record(self) -> dict:
         """Plain data for the plan: what was tried, on what, and what won."""
@@ -84,6 +140,7 @@ class Selection:
                 "loss_weighting": self.factorization.loss_weighting,
                 "rank_allocation": self.rank_allocation,
                 "sequential": self.sequential,
+                "shared_qkv": sum(name in self.ranks for name in self.shared_weights),
             },
             "candidates": [asdict(score) for score in self.scores],
         }
@@ -110,6 +167,7 @@ def needs_selection(config: CompressionConfig) -> bool:
         config.rank_allocation,
         config.loss_weighting,
         config.sequential,
+        config.shared_qkv,
     )
 
 
@@ -169,6 +227,25 @@ def factorize_layers(
     return svds
 
 
+def layer_errors(
+    svd: WhitenedSVD,
+    statistics: LayerStatistics | None = None,
+    output_weights: torch.Tensor | None = None,
+    exact_spectrum: bool = True,
+) -> torch.Tensor:
+    """``errors[k]``: the layer's (weighted) mean output error per token at rank ``k``; ``errors[0]`` is its
+    output energy.
+
+    ``exact_spectrum``: the SVD's discarded energy *is* that error (full Gram whitening, no shrinkage).
+    Otherwise, and when ``statistics`` exist, the true output error is computed from the Gram
+    (:func:`output_errors`)."""
+    if exact_spectrum or statistics is None or statistics.tokens == 0:
+        spectrum = svd.spectrum
+        kept = torch.cat([spectrum.new_zeros(1), spectrum.cumsum(0)])
+        return (kept[-1] - kept).clamp_min(0)  # errors[k] = energy discarded at rank k
+    return output_errors(svd, statistics.mean_gram(), output_weights)
+
+
 def rank_candidate(
     name: str,
     module: nn.Linear,
@@ -178,21 +255,85 @@ def rank_candidate(
     output_weights: torch.Tensor | None = None,
     exact_spectrum: bool = True,
 ) -> RankCandidate:
-    """The layer's error at every rank, for the allocator.
-
-    ``exact_spectrum``: the SVD's discarded energy *is* the (weighted) output error (full Gram whitening,
-    no shrinkage). Otherwise, and when ``statistics`` exist, the true output error is computed from the
-    Gram (:func:`output_errors`). ``normalization="relative"`` divides by the layer's own output energy.
-    """
-    if exact_spectrum or statistics is None or statistics.tokens == 0:
-        spectrum = svd.spectrum
-        kept = torch.cat([spectrum.new_zeros(1), spectrum.cumsum(0)])
-        errors = (kept[-1] - kept).clamp_min(0)  # errors[k] = energy discarded at rank k
-    else:
-        errors = output_errors(svd, statistics.mean_gram(), output_weights)
+    """The layer's error at every rank (:func:`layer_errors`), for the allocator;
+    ``normalization="relative"`` divides by the layer's own output energy."""
+    errors = layer_errors(svd, statistics, output_weights, exact_spectrum)
     if normalization == "relative":
         errors = errors / max(float(errors[0]), 1e-30)
     return RankCandidate(name, module.in_features, module.out_features, errors)
+
+
+def factorize_shared(
+    model: nn.Module,
+    group: SharedGroup,
+    statistics: dict[str, LayerStatistics] | None,
+    factorization: Factorization,
+    config: CompressionConfig,
+    output_weights: torch.Tensor | None,
+    paired: PairedStatistics | None = None,
+) -> WhitenedSVD:
+    """The factorization of the group's stacked weights ``[W_q; W_k; W_v]`` (one shared down-projection), with
+    ``output_weights`` over the stacked outputs, so that its errors are in the units of the members' own
+    (Fisher weights, or each member's rows divided by its output energy for relative errors). Fitted to the
+    dense outputs when ``paired`` is given, as :func:`factorize_layers` does. ``model``'s members must still
+    be the dense linears."""
+    linears = [model.get_submodule(name) for name in group.members]
+    weight = torch.cat([linear.weight.detach() for linear in linears])
+    options = {
+        "whitening": factorization.whitening,
+        "gram_shrinkage": config.gram_shrinkage,
+        "damping": config.damping,
+        "output_weights": output_weights,
+    }
+    if paired is not None:
+        svd = output_matched_svd(weight, paired, free_bias=linears[0].bias is not None, **options)
+    else:
+        svd = whitened_svd(weight, statistics.get(group.members[0]) if statistics else None, **options)
+    svd.split = tuple((name, linear.out_features) for name, linear in zip(group.projections, linears, strict=True))
+    return svd
+
+
+def shared_candidates(
+    model: nn.Module,
+    groups: Sequence[SharedGroup],
+    candidates: dict[str, RankCandidate],
+    energies: dict[str, float],
+    statistics: dict[str, LayerStatistics] | None,
+    factorization: Factorization,
+    config: CompressionConfig,
+    sensitivity: OutputSensitivity | None,
+    exact_spectrum: bool,
+) -> tuple[list[JointCandidate], dict[str, WhitenedSVD], dict[str, torch.Tensor | None]]:
+    """Each shared group's joint candidate (errors in the units of its members' candidates), its factors, and
+    the output weights they were computed with."""
+    joints, svds, weights = [], {}, {}
+    for group in groups:
+        if factorization.loss_weighting == "fisher":
+            output_weights = torch.cat([sensitivity.weights(name) for name in group.members])
+        elif config.error_normalization == "relative":
+            output_weights = torch.cat(
+                [
+                    torch.full((candidates[name].out_features,), 1.0 / max(energies[name], 1e-30), dtype=torch.float64)
+                    for name in group.members
+                ]
+            )
+        else:
+            output_weights = None
+        svd = factorize_shared(model, group, statistics, factorization, config, output_weights)
+        layer_statistics = statistics.get(group.members[0]) if statistics else None
+        errors = layer_errors(svd, layer_statistics, output_weights, exact_spectrum)
+        members = [candidates[name] for name in group.members]
+        out_features = sum(member.out_features for member in members)
+        joint = RankCandidate(
+            group.parent,
+            members[0].in_features,
+            out_features,
+            errors,
+            dense_parameters=sum(m.dense_cost for m in members),
+        )
+        joints.append(JointCandidate(joint, group.members))
+        svds[group.parent], weights[group.parent] = svd, output_weights
+    return joints, svds, weights
 
 
 def _rounded(value: float | None) -> float | None:
@@ -207,10 +348,13 @@ def install_all(
     install: Callable,
     originals: dict[str, nn.Module] | None = None,
 ) -> None:
-    """Install every layer whose rank is not ``DENSE``; ``originals`` (the dense linears) are put back first
-    where ``model`` already holds other factors."""
-    for name, rank in ranks.items():
-        if rank is not DENSE:
+    """Install every layer whose rank is not ``DENSE`` (and every shared group that was allocated a rank, under its
+    parent's name); ``originals`` (:func:`dense_modules`) are put back first where ``model`` already holds other
+    factors."""
+    shared_first = sorted(ranks, key=lambda name: name not in svds or svds[name].split is None)
+    for name in shared_first:  # a parent first, so that its linears installed later land in its shared form
+        rank = ranks[name]
+        if rank is not DENSE and rank != SHARED:  # a shared member is installed with its group's parent
             if originals is not None:
                 set_submodule(model, name, originals[name])
             install(model, name, svds[name], rank)
@@ -226,67 +370,109 @@ def select_factorization(
     install: Callable[[nn.Module, str, WhitenedSVD, int], nn.Module],
     progress: Callable[[str], None] = lambda _message: None,
     processes: CalibrationProcesses = SINGLE_PROCESS,
+    groups: Sequence[SharedGroup] = (),
 ) -> Selection:
     """Factorize ``targets`` every way the config allows and keep the one the held-out output error prefers.
+
+    ``groups`` may share a down-projection: with ``shared_qkv=True`` every global allocation may give each
+    one a shared projection instead of three pairs; with ``'auto'`` the winner is tried once more that way
+    and kept only if its held-out error is lower by two standard errors.
 
     ``model`` is left with its dense targets (candidates are installed and removed again); the caller
     installs the winner. With a single candidate nothing is measured.
     """
     start = time.perf_counter()
     grid = candidate_grid(config)
+    groups = list(groups) if config.shared_qkv else []
     count = sum(len(allocations) for _, allocations in grid)
-    measured = count > 1 or config.sequential == "auto"  # the block-by-block fit is compared with the winner
+    # the block-by-block fit and the shared projections are compared with the winner
+    measured = count > 1 or config.sequential == "auto" or (config.shared_qkv == "auto" and bool(groups))
     if measured and (reference is None or reference.total_images() == 0):
         raise ValueError(
             "Choosing the factorization by measurement needs held-out calibration images, and none were held out "
             "(one image in every validation_interval is). Pass more calibration images, or fix the choice with "
-            "whitening=..., rank_allocation=..., loss_weighting=... and sequential=... (none of them 'auto')."
+            "whitening=..., rank_allocation=..., loss_weighting=..., sequential=... and shared_qkv=... (none of them "
+            "'auto')."
         )
-    originals = {name: model.get_submodule(name) for name in targets}
+    originals = dense_modules(model, targets, groups)
     total = count_parameters(model)
     best: Selection | None = None
     scores: list[CandidateScore] = []
-    best_errors: torch.Tensor | None = None
-    for factorization, allocations in grid:
+
+    def score(factorization, allocation, svds, ranks, budget, candidates, joints, weights) -> None:
+        nonlocal best
+        errors, error = None, None
+        if measured:
+            install_all(model, svds, ranks, install)
+            parameters = count_parameters(model)
+            errors = reference.per_image_errors(model)
+            error = reference.total(errors)
+            restore(model, originals)
+        else:
+            parameters = budget.fixed_parameters + allocated_parameters(candidates, joints, ranks)
+        shared = sum(joint.candidate.name in ranks for joint in joints)
+        scores.append(
+            CandidateScore(
+                factorization.whitening,
+                factorization.loss_weighting,
+                allocation,
+                _rounded(error),
+                parameters,
+                shared_qkv=shared,
+            )
+        )
+        label = f"{factorization.label}, {allocation}" + (f", {shared} shared q/k/v" if shared else "")
+        progress(f"{label}: held-out output error {_rounded(error)}")
+        # the grid's order is the prior (Gram whitening and global allocation first): a later candidate
+        # wins only by a margin the held-out images can tell from noise
+        if best is None or reference.significantly_lower(errors, best.errors):
+            best = Selection(factorization, allocation, svds, ranks, budget, [], None, 0, 0.0, errors, False, weights)
+
+    def factorize(factorization: Factorization, with_groups: bool):
         svds = factorize_layers(model, targets, statistics, factorization, config, sensitivity)
         weighted = factorization.loss_weighting == "fisher"
         exact = factorization.whitening == "gram" and config.gram_shrinkage == 0.0
-        candidates = [
-            rank_candidate(
-                name,
-                originals[name],
+        raw = {
+            name: layer_errors(
                 svds[name],
-                "absolute" if weighted else config.error_normalization,  # Fisher units already compare
                 statistics.get(name) if statistics else None,
                 sensitivity.weights(name) if weighted else None,
-                exact_spectrum=exact,
+                exact,
             )
             for name in targets
-        ]
-        budget = make_budget(total, candidates, config.target_param_ratio)
-        for allocation in allocations:
-            ranks = ALLOCATORS[allocation](candidates, budget.candidate_budget)
-            errors, error = None, None
-            if measured:
-                install_all(model, svds, ranks, install)
-                parameters = count_parameters(model)
-                errors = reference.per_image_errors(model)
-                error = reference.total(errors)
-                for name, module in originals.items():
-                    set_submodule(model, name, module)
-            else:
-                parameters = budget.fixed_parameters + sum(c.cost(ranks[c.name]) for c in candidates)
-            scores.append(
-                CandidateScore(
-                    factorization.whitening, factorization.loss_weighting, allocation, _rounded(error), parameters
-                )
+        }
+        relative = not weighted and config.error_normalization == "relative"  # Fisher units already compare
+        candidates = {
+            name: RankCandidate(
+                name,
+                originals[name].in_features,
+                originals[name].out_features,
+                raw[name] / max(float(raw[name][0]), 1e-30) if relative else raw[name],
             )
-            progress(f"{factorization.label}, {allocation}: held-out output error {_rounded(error)}")
-            # the grid's order is the prior (Gram whitening and global allocation first): a later candidate
-            # wins only by a margin the held-out images can tell from noise
-            if best is None or reference.significantly_lower(errors, best_errors):
-                best = Selection(factorization, allocation, svds, ranks, budget, [], None, 0, 0.0, errors)
-                best_errors = errors
+            for name in targets
+        }
+        joints, weights = [], {}
+        if with_groups and groups:
+            energies = {name: float(errors[0]) for name, errors in raw.items()}
+            joints, joint_svds, weights = shared_candidates(
+                model, groups, candidates, energies, statistics, factorization, config, sensitivity, exact
+            )
+            svds.update(joint_svds)
+        candidates = list(candidates.values())
+        return svds, candidates, joints, weights, make_budget(total, candidates, config.target_param_ratio)
+
+    for factorization, allocations in grid:
+        svds, candidates, joints, weights, budget = factorize(factorization, config.shared_qkv is True)
+        for allocation in allocations:
+            ranks = ALLOCATORS[allocation](candidates, budget.candidate_budget, joints)
+            score(factorization, allocation, svds, ranks, budget, candidates, joints, weights)
+        del svds
+    if config.shared_qkv == "auto" and groups and best.rank_allocation == "global":
+        # the winner once more with shared projections allowed: worth a held-out pass only if some were taken
+        svds, candidates, joints, weights, budget = factorize(best.factorization, True)
+        ranks = ALLOCATORS["global"](candidates, budget.candidate_budget, joints)
+        if any(joint.candidate.name in ranks for joint in joints):
+            score(best.factorization, "global", svds, ranks, budget, candidates, joints, weights)
         del svds
     best.scores = scores
     best.metric = (
@@ -296,7 +482,11 @@ def select_factorization(
     best.seconds = time.perf_counter() - start
     processes.check_same(
         "the chosen factorization",
-        (best.factorization.label, best.rank_allocation, sorted((name, rank) for name, rank in best.ranks.items())),
+        (
+            best.factorization.label,
+            best.rank_allocation,
+            sorted((name, str(rank)) for name, rank in best.ranks.items()),
+        ),
     )
     return best
 
@@ -322,11 +512,18 @@ def judge_sequential(
     """
     errors = reference.per_image_errors(model)
     kept = reference.significantly_lower(errors, selection.errors)
-    winner = (selection.factorization.whitening, selection.factorization.loss_weighting, selection.rank_allocation)
+    shared = sum(name in selection.ranks for name in selection.shared_weights)
+    winner = (
+        selection.factorization.whitening,
+        selection.factorization.loss_weighting,
+        selection.rank_allocation,
+        shared,
+    )
     chosen = next(
         score
         for score in selection.scores
-        if not score.sequential and (score.whitening, score.loss_weighting, score.rank_allocation) == winner
+        if not score.sequential
+        and (score.whitening, score.loss_weighting, score.rank_allocation, score.shared_qkv) == winner
     )
     selection.scores.append(
         replace(
