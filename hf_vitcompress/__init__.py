@@ -20,6 +20,7 @@ from .families.vit import CompressedViTConfig, CompressedViTForImageClassificati
 from .layers import LowRankLinear, SkippedBlock
 from .methods.pruning.structure import PruningError
 from .plan import CompressionPlan, LayerPlan, PlanMismatchError, count_parameters
+from .shared_input import SharedInputMixin, merge_shared_input
 from .tuning import LayerTiming, TuningError, tune
 
 __version__ = "0.2.0.dev0"
@@ -70,6 +71,8 @@ __all__ = [
     "PruningError",
     "PruningTrainer",
     "SkippedBlock",
+    "SharedInputMixin",
+    "merge_shared_input",
     "search_ranks",
     "CalibrationDataError",
     "CompressedDeiTConfig",

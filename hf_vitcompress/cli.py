@@ -579,13 +579,24 @@ def _add_config_arguments(parser: argparse.ArgumentParser, seed: bool = True) ->
         help="fit block by block to the dense outputs (no value: true; 'auto': kept where the held-out error drops)",
     )
     group.add_argument("--no-sequential", dest="sequential", action="store_const", const=False)
+    group.add_argument(
+        "--shared-qkv",
+        dest="shared_qkv",
+        nargs="?",
+        const=True,
+        default=None,
+        type=_sequential_choice,
+        metavar="{true,false,auto}",
+        help="let allocation give q/k/v one shared down-projection per block (no value: true; 'auto': kept where "
+        "the held-out error drops)",
+    )
     group.add_argument("--compensation-rank", dest="compensation_rank", type=int, default=None)
     group.add_argument("--compensation-epochs", dest="compensation_epochs", type=int, default=None)
     if seed:  # commands that train have their own --seed, which the config then shares
         group.add_argument("--seed", type=int, default=None)
 
 
-def _sequential_choice(value: str) -> bool | str:
+def _sequential_choice(value: str) -> bool | str:  # also --shared-qkv's
     choices = {"true": True, "false": False, "auto": "auto"}
     if value.lower() not in choices:
         raise argparse.ArgumentTypeError(f"expected true, false or auto, got {value!r}")

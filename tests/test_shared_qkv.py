@@ -393,3 +393,31 @@ def test_every_planned_module_is_what_the_plan_says_with_shared_and_separate_lay
     assert kinds.get("shared_input") == 2 and kinds.get("low_rank", 0) >= 2
     assert any(name.endswith("o_proj") for name in small.compression_plan.layers)
     assert small.compression_plan.parameters == count_parameters(small)
+
+
+def test_the_cli_passes_shared_qkv_on():
+    from hf_vitcompress.cli import _config_from_args, build_parser
+
+    parser = build_parser()
+    base = ["compress", "--output", "out"]
+    assert _config_from_args(parser.parse_args([*base, "--shared-qkv", "auto"])).shared_qkv == "auto"
+    assert _config_from_args(parser.parse_args([*base, "--shared-qkv"])).shared_qkv is True
+    assert _config_from_args(parser.parse_args([*base, "--shared-qkv", "false"])).shared_qkv is False
+    assert _config_from_args(parser.parse_args(base)).shared_qkv == CompressionConfig().shared_qkv
+
+
+def test_a_shared_model_pickles_exports_and_leaves_the_dense_model_alone(shared_model, tmp_path):
+    import copy
+    import pickle
+
+    dense, shared, _ = shared_model
+    assert not any(isinstance(m, SharedInputMixin) for m in dense.modules())
+    assert dense.vit.layers[0].attention.q_proj.in_features == dense.config.hidden_size
+    pixels = _images(2, seed=11)
+    with torch.no_grad():
+        want = shared(pixel_values=pixels).logits
+        for clone in (copy.deepcopy(shared), pickle.loads(pickle.dumps(shared))):
+            assert isinstance(clone.vit.layers[0].attention, SharedInputMixin)
+            assert torch.equal(clone(pixel_values=pixels).logits, want)
+        exported = torch.export.export(shared, (), {"pixel_values": pixels})
+        torch.testing.assert_close(exported.module()(pixel_values=pixels).logits, want)

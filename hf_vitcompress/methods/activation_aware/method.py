@@ -103,25 +103,22 @@ def _install(model: nn.Module, name: str, svd: WhitenedSVD, rank: int) -> nn.Mod
 
 
 def _install_shared(model: nn.Module, name: str, svd: WhitenedSVD, rank: int) -> nn.Module:
+    """The shared-input form of the parent module ``name``: one down-projection, the stacked up factors split
+    back into its projections, each with its bias (shifted as :func:`_install` shifts a pair's, if fitted so)."""
     parent = model.get_submodule(name)
-    projections = [projection for projection, _ in svd.split]
+    projections, rows = zip(*svd.split, strict=True)
     linears = [getattr(parent, projection) for projection in projections]
-    dtype = linears[0].weight.dtype
+    dtype, device = linears[0].weight.dtype, linears[0].weight.device
     up, down = svd.factors(rank)
-    ups = up.split([rows for _, rows in svd.split])
-    shift = svd.bias_shift(rank) if linears[0].bias is not None else None
-    shifts = shift.split([rows for _, rows in svd.split]) if shift is not None else [None] * len(linears)
-    biases = [
-        None
-        if linear.bias is None
-        else linear.bias.detach()
-        if extra is None
-        else (linear.bias.detach().to(torch.float64) + extra.to(linear.bias.device)).to(dtype)
-        for linear, extra in zip(linears, shifts, strict=True)
-    ]
-    shared = share_input(parent, projections, rank, down.to(dtype), [u.to(dtype) for u in ups], biases).to(
-        linears[0].weight.device
-    )
+    biases = [None if linear.bias is None else linear.bias.detach() for linear in linears]
+    shift = svd.bias_shift(rank) if biases[0] is not None else None
+    if shift is not None:
+        biases = [
+            (bias.to(torch.float64) + extra.to(device)).to(dtype)
+            for bias, extra in zip(biases, shift.split(rows), strict=True)
+        ]
+    ups = [part.to(dtype) for part in up.split(rows)]
+    shared = share_input(parent, projections, rank, down.to(dtype), ups, biases).to(device)
     set_submodule(model, name, shared)
     return shared
 

@@ -428,8 +428,9 @@ def select_factorization(
         if best is None or reference.significantly_lower(errors, best.errors):
             best = Selection(factorization, allocation, svds, ranks, budget, [], None, 0, 0.0, errors, False, weights)
 
-    def factorize(factorization: Factorization, with_groups: bool):
-        svds = factorize_layers(model, targets, statistics, factorization, config, sensitivity)
+    def factorize(factorization: Factorization, with_groups: bool, svds: dict[str, WhitenedSVD] | None = None):
+        if svds is None:
+            svds = factorize_layers(model, targets, statistics, factorization, config, sensitivity)
         weighted = factorization.loss_weighting == "fisher"
         exact = factorization.whitening == "gram" and config.gram_shrinkage == 0.0
         raw = {
@@ -469,7 +470,7 @@ def select_factorization(
         del svds
     if config.shared_qkv == "auto" and groups and best.rank_allocation == "global":
         # the winner once more with shared projections allowed: worth a held-out pass only if some were taken
-        svds, candidates, joints, weights, budget = factorize(best.factorization, True)
+        svds, candidates, joints, weights, budget = factorize(best.factorization, True, dict(best.svds))
         ranks = ALLOCATORS["global"](candidates, budget.candidate_budget, joints)
         if any(joint.candidate.name in ranks for joint in joints):
             score(best.factorization, "global", svds, ranks, budget, candidates, joints, weights)
