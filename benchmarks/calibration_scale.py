@@ -47,6 +47,7 @@ def worker(count: int, image_size: int, batch_size: int) -> dict:
         whitening="gram",
         loss_weighting="none",
         rank_allocation="global",
+        shared_qkv=False,  # as recorded (before the default shared q/k/v)
         calibration_samples=count + 1,
     )
     before = resident_memory_mb()

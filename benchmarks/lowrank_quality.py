@@ -63,27 +63,37 @@ HERE = Path(__file__).resolve().parent
 RATIOS = (0.9, 0.8, 0.7, 0.6, 0.5)
 RUN_RATIOS = RATIOS  # what this run measures (--ratios, with --merge)
 DEFAULT_ROW = "default: CompressionConfig()"
-ROWS = {
+PREVIOUS_DEFAULT_ROW = "previous default (shared_qkv=False)"
+SEQUENTIAL_AUTO_ROW = "shared_qkv=False, sequential='auto'"
+ROWS = {  # the per-layer baselines never share q/k/v (shared_qkv=False); rows recorded before it pin it too
     "plain SVD, uniform": dict(whitening="none", loss_weighting="none", rank_allocation="uniform"),
-    "plain SVD, global": dict(whitening="none", loss_weighting="none", rank_allocation="global"),
+    "plain SVD, global": dict(whitening="none", loss_weighting="none", rank_allocation="global", shared_qkv=False),
     "ASVD (diagonal), uniform": dict(whitening="diagonal", loss_weighting="none", rank_allocation="uniform"),
-    "ASVD (diagonal), global": dict(whitening="diagonal", loss_weighting="none", rank_allocation="global"),
+    "ASVD (diagonal), global": dict(
+        whitening="diagonal", loss_weighting="none", rank_allocation="global", shared_qkv=False
+    ),
     "full whitening (SVD-LLM), uniform": dict(whitening="gram", loss_weighting="none", rank_allocation="uniform"),
-    "full whitening (SVD-LLM), global": dict(whitening="gram", loss_weighting="none", rank_allocation="global"),
+    "full whitening (SVD-LLM), global": dict(
+        whitening="gram", loss_weighting="none", rank_allocation="global", shared_qkv=False
+    ),
     "Fisher-weighted SVD (FWSVD), uniform": dict(whitening="none", loss_weighting="fisher", rank_allocation="uniform"),
-    "Fisher-weighted SVD (FWSVD), global": dict(whitening="none", loss_weighting="fisher", rank_allocation="global"),
-    "full whitening + Fisher, global": dict(whitening="gram", loss_weighting="fisher", rank_allocation="global"),
+    "Fisher-weighted SVD (FWSVD), global": dict(
+        whitening="none", loss_weighting="fisher", rank_allocation="global", shared_qkv=False
+    ),
+    "full whitening + Fisher, global": dict(
+        whitening="gram", loss_weighting="fisher", rank_allocation="global", shared_qkv=False
+    ),
     "head factorization": dict(method="head_factorization"),
     DEFAULT_ROW: {},
-    "default + compensation r8": dict(compensation_rank=8),
+    PREVIOUS_DEFAULT_ROW: dict(shared_qkv=False),
+    "default + compensation r8": dict(compensation_rank=8),  # compensation: no shared q/k/v
     "full whitening + Fisher, global, sequential": dict(
-        whitening="gram", loss_weighting="fisher", rank_allocation="global", sequential=True
+        whitening="gram", loss_weighting="fisher", rank_allocation="global", sequential=True, shared_qkv=False
     ),
-    "default, sequential='auto'": dict(sequential="auto"),
+    SEQUENTIAL_AUTO_ROW: dict(sequential="auto", shared_qkv=False),
     "full whitening + Fisher, global, shared q/k/v": dict(
         whitening="gram", loss_weighting="fisher", rank_allocation="global", shared_qkv=True
     ),
-    "default, shared_qkv=True": dict(shared_qkv=True),
     "default, shared_qkv='auto'": dict(shared_qkv="auto"),
 }
 
@@ -541,7 +551,10 @@ def section(name: str, result: dict) -> str:
         "| row | " + " | ".join(f"{columns} {r}" for r in RATIOS) + " | s |",
         "|---|" + "---|" * (len(RATIOS) + 1),
     ]
-    best = {str(r): min(_score(kind, row[str(r)]) for row in result["rows"].values() if str(r) in row) for r in RATIOS}
+    best = {
+        str(r): min((_score(kind, row[str(r)]) for row in result["rows"].values() if str(r) in row), default=None)
+        for r in RATIOS
+    }
     for row_name, row in result["rows"].items():
         cells = []
         for r in RATIOS:
@@ -566,7 +579,7 @@ def section(name: str, result: dict) -> str:
         lines += ["", "The default chose: " + "; ".join(chosen) + "."]
     sequential = [
         f"{r}: {'kept' if c['chosen'].get('sequential') else 'not kept'}"
-        for r, c in result["rows"].get("default, sequential='auto'", {}).items()
+        for r, c in result["rows"].get(SEQUENTIAL_AUTO_ROW, {}).items()
         if "chosen" in c
     ]
     if sequential:

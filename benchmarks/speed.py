@@ -116,8 +116,8 @@ def per_layer(device: torch.device, dtype: torch.dtype, repeats: int, fused: boo
 def end_to_end(device: torch.device, dtype: torch.dtype, batch: int, repeats: int, allocation: str) -> dict:
     dense = vit_b()
     config = CompressionConfig(
-        target_param_ratio=0.5, whitening="none", loss_weighting="none", rank_allocation=allocation
-    )
+        target_param_ratio=0.5, whitening="none", loss_weighting="none", rank_allocation=allocation, shared_qkv=False
+    )  # one factor pair per linear: what the fused kernel serves
     factorized = compress(dense, config, progress=False)
     tuned = compress(dense, config, progress=False)
     pixels = torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(1))

@@ -189,7 +189,12 @@ def cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
         "dense_parameters": plan.dense_parameters,
         "parameters": plan.parameters,
         "param_ratio": plan.param_ratio,
-        "factorized_layers": len(plan.layers),
+        "factorized_layers": sum(layer.kind != "shared_input" for layer in plan.layers.values()),
+        **(
+            {"shared_qkv_blocks": shared}
+            if (shared := sum(layer.kind == "shared_input" for layer in plan.layers.values()))
+            else {}
+        ),
         **({"merged_to_dense_by_tuning": len(plan.tuning["merged_to_dense"])} if plan.tuning else {}),
         # the factorization the default chose on the held-out images, and how long choosing took
         **({"chosen_factorization": plan.selection["chosen"]} if plan.selection else {}),

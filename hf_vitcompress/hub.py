@@ -30,7 +30,9 @@ from .plan import CompressionPlan, count_parameters
 TEMPLATE_PATH = Path(__file__).resolve().parent / "model_cards" / "template.md"
 
 
-def describe_method(config: dict[str, Any], selection: dict[str, Any] | None = None) -> tuple[str, str]:
+def describe_method(
+    config: dict[str, Any], selection: dict[str, Any] | None = None, shared_blocks: int | None = None
+) -> tuple[str, str]:
     """A title and one paragraph saying what was done, from the saved ``compression_config`` and, where the
     factorization was chosen by measurement, the plan's ``selection`` record."""
     method = config.get("method", "unknown")
@@ -83,12 +85,11 @@ def describe_method(config: dict[str, Any], selection: dict[str, Any] | None = N
             "activations"
             + (" (kept because it lowered the held-out error)" if config.get("sequential") == "auto" else "")
         )
-    shared = chosen.get("shared_qkv")
-    where = "where that lowered the summed error" if shared is True else f"in {shared} attention blocks"
-    if shared and shared != "auto":  # a count of blocks from the selection record, or True from the config
+    shared = shared_blocks if shared_blocks is not None else chosen.get("shared_qkv")
+    if shared and not isinstance(shared, (bool, str)):  # how many blocks (the plan's count, or the record's)
         text += (
-            f"; {where} query, key and value share one down-projection of their input (one thin matrix, computed "
-            "once, and three up-projections)"
+            f"; in {shared} attention blocks query, key and value share one down-projection of their input (one thin "
+            "matrix, computed once, and three up-projections)"
             + (" (kept because it lowered the held-out error)" if config.get("shared_qkv") == "auto" else "")
         )
     if config.get("compensation_rank", 0):
@@ -326,7 +327,8 @@ def build_model_card(
     compression_config = dict(config.compression_config or {})
     provenance = dict(getattr(config, "compression_provenance", None) or {})
     method = compression_config.get("method", "unknown")
-    title, summary = describe_method(compression_config, plan.selection)
+    shared_blocks = sum(layer.kind == "shared_input" for layer in plan.layers.values())
+    title, summary = describe_method(compression_config, plan.selection, shared_blocks)
 
     report = report if report is not None else getattr(model, "evaluation_report", None)
     variables: dict[str, Any] = {}

@@ -270,7 +270,7 @@ def _summed_relative_output_error(dense, small, pixels):
 
 
 def test_global_allocation_through_compress_gives_mixed_ranks_and_lower_error(pixels):
-    config = dict(target_param_ratio=0.5, whitening="gram", loss_weighting="none")
+    config = dict(target_param_ratio=0.5, whitening="gram", loss_weighting="none", shared_qkv=False)
     dense = _layers_of_different_spectra()
     global_ = compress(dense, CompressionConfig(**config, rank_allocation="global"), pixels, progress=False)
     uniform = compress(dense, CompressionConfig(**config, rank_allocation="uniform"), pixels, progress=False)

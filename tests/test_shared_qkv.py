@@ -180,7 +180,7 @@ def _qkv_options(model) -> dict:
 @pytest.fixture(scope="module")
 def shared_model():
     dense = _common_subspace_vit()
-    config = CompressionConfig(**_qkv_options(dense))
+    config = CompressionConfig(**_qkv_options(dense), shared_qkv=False)
     images = _images(64)
     return (
         dense,
@@ -330,6 +330,13 @@ def test_sequential_fit_of_a_shared_group_matches_the_dense_outputs_closer(share
 def test_bad_shared_qkv_options_are_refused(options, message):
     with pytest.raises(ValueError, match=message):
         CompressionConfig(**options)
+
+
+def test_the_default_shares_where_it_can():
+    assert CompressionConfig().shared_qkv is True
+    assert CompressionConfig(compensation_rank=4).shared_qkv is False
+    assert CompressionConfig(method="head_factorization").shared_qkv is False
+    assert CompressionConfig(method="pruning", target_flops_ratio=0.5).shared_qkv is False
 
 
 def test_auto_gives_way_where_it_cannot_apply():
