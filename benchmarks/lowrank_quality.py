@@ -95,6 +95,7 @@ ROWS = {  # the per-layer baselines never share q/k/v (shared_qkv=False); rows r
         whitening="gram", loss_weighting="fisher", rank_allocation="global", shared_qkv=True
     ),
     "default, shared_qkv='auto'": dict(shared_qkv="auto"),
+    "default + sequential": dict(sequential=True),
 }
 
 
