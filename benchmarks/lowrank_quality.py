@@ -573,6 +573,7 @@ def section(name: str, result: dict) -> str:
         f"{r}: {c['chosen']['whitening']}"
         + (" + fisher" if c["chosen"]["loss_weighting"] == "fisher" else "")
         + f", {c['chosen']['rank_allocation']}"
+        + (f", {c['chosen']['shared_qkv']} blocks with shared q/k/v" if c["chosen"].get("shared_qkv") else "")
         for r, c in default.items()
         if "chosen" in c
     ]
@@ -607,6 +608,7 @@ def section(name: str, result: dict) -> str:
             f"--rows {rows} --ratios {ratios}` ({merged['environment'].get('description', '')}, "
             f"{merged['environment'].get('wall_seconds', 0) / 60:.0f} min)."
         )
+    lines += [f"Note: {note}" for note in result.get("notes", [])]
     return "\n".join(lines)
 
 

@@ -208,3 +208,13 @@ def test_sequential_setting_is_checked():
     assert parser.parse_args([*base, "--sequential", "auto"]).sequential == "auto"
     assert parser.parse_args([*base, "--sequential"]).sequential is True
     assert parser.parse_args([*base, "--no-sequential"]).sequential is False
+
+
+def test_an_explicit_sequential_fit_is_recorded_with_the_chosen_factorization(pixels):
+    """With the factorization chosen by measurement and sequential=True, the record and the card say that the
+    installed pairs are the block-by-block fit (the record's ``chosen`` must not contradict the config)."""
+    small = compress(tiny_vit(), CompressionConfig(target_param_ratio=0.5, sequential=True), pixels, progress=False)
+    selection = small.compression_plan.selection
+    assert selection is not None and selection["chosen"]["sequential"] is True
+    text = describe_method(small.config.compression_config, selection)[1]
+    assert "fitted to the dense layer's output" in text and "kept because" not in text

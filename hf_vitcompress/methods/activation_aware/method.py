@@ -263,6 +263,8 @@ def compress_activation_aware(
                 _install(model, name, svds[name], ranks[name])
         if config.sequential == "auto":
             judge_sequential(model, selection, reference, one_shot, originals, _install, processes)
+        elif config.sequential:  # asked for: what is installed is the block-by-block fit, and the record says so
+            selection.sequential = True
         report.sequential_seconds = time.perf_counter() - sequential_start
     if len(selection.scores) > 1:  # something was chosen by measurement
         report.selection = selection.record()
