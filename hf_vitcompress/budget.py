@@ -198,8 +198,17 @@ def allocate_global(
             low = middle
         if high - low <= 1e-12 * high:
             break
-    ranks = _fill(everything, choose(high), budget, _gain_per_weight)
-    for joint in joints:  # a joint candidate filled up to dense is its members kept dense (the same weights)
+    return joints_as_members(_fill(everything, choose(high), budget, _gain_per_weight), joints)
+
+
+def joints_as_members(
+    ranks: dict[str, int | str | None], joints: Sequence[JointCandidate]
+) -> dict[str, int | str | None]:
+    """A joint candidate filled up to dense is its members kept dense (the same weights), so that nothing
+    downstream meets a shared group without a rank. (The bisection rarely leaves one there: a price just below
+    usually keeps the members dense already; the greedy fill can still step a joint at its top rank to dense.)"""
+    ranks = dict(ranks)
+    for joint in joints:
         if joint.candidate.name in ranks and ranks[joint.candidate.name] is DENSE:
             del ranks[joint.candidate.name]
             ranks.update(dict.fromkeys(joint.members, DENSE))

@@ -200,6 +200,9 @@ class CompressionConfig:
                 )
             if min(self.pruning_count_lr, self.pruning_dual_lr, self.pruning_proximal_lr) < 0:
                 raise ValueError("pruning_count_lr, pruning_dual_lr and pruning_proximal_lr must be >= 0.")
+            if self.shared_qkv is True:
+                raise ValueError("shared_qkv=True belongs to method='activation_aware'; pruning keeps q/k/v separate.")
+            self.shared_qkv = False if self.shared_qkv == "auto" else self.shared_qkv
         else:
             if self.target_flops_ratio is not None or self.skip_blocks:
                 raise ValueError(

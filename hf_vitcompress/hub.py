@@ -288,7 +288,8 @@ def describe_tuning(plan: CompressionPlan) -> str:
     earlier = len(set(tuning.get("merged_to_dense", [])) - set(tuning.get("layers", {})))
     if earlier:
         sentence += f" {earlier} more were merged back to dense by an earlier tuning."
-    untimed = len(set(plan.layers) - set(tuning.get("layers", {})))
+    pairs = {name for name, layer in plan.layers.items() if layer.kind == "low_rank"}  # what tune times
+    untimed = len(pairs - set(tuning.get("layers", {})))
     if untimed:
         sentence += f" {untimed} factorized layers were not reached by the timing pass and run as two matmuls."
     if choices.count("fused"):

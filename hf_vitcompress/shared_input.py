@@ -64,6 +64,10 @@ def _shallow_copy(module: nn.Module, cls: type) -> nn.Module:
     for key, value in vars(module).items():  # _modules, _parameters, hooks...
         if isinstance(value, dict):
             copied.__dict__[key] = type(value)(value)
+    # A forward set on the instance (Accelerate's hooks, nn.Module.compile) is bound to the *original* module and
+    # would run it instead of the copy's class forward; the copy runs its own class's forward.
+    for key in ("forward", "_compiled_call_impl"):
+        copied.__dict__.pop(key, None)
     copied.__class__ = cls
     return copied
 
