@@ -189,12 +189,8 @@ def cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
         "dense_parameters": plan.dense_parameters,
         "parameters": plan.parameters,
         "param_ratio": plan.param_ratio,
-        "factorized_layers": sum(layer.kind != "shared_input" for layer in plan.layers.values()),
-        **(
-            {"shared_qkv_blocks": shared}
-            if (shared := sum(layer.kind == "shared_input" for layer in plan.layers.values()))
-            else {}
-        ),
+        "factorized_layers": len(plan.layers) - plan.shared_blocks,
+        **({"shared_qkv_blocks": plan.shared_blocks} if plan.shared_blocks else {}),
         **({"merged_to_dense_by_tuning": len(plan.tuning["merged_to_dense"])} if plan.tuning else {}),
         # the factorization the default chose on the held-out images, and how long choosing took
         **({"chosen_factorization": plan.selection["chosen"]} if plan.selection else {}),
@@ -573,26 +569,16 @@ def _add_config_arguments(parser: argparse.ArgumentParser, seed: bool = True) ->
     group.add_argument(
         "--error-normalization", dest="error_normalization", choices=["relative", "absolute"], default=None
     )
-    group.add_argument(
+    _add_true_false_auto(
+        group,
         "--sequential",
-        dest="sequential",
-        nargs="?",
-        const=True,
-        default=None,
-        type=_sequential_choice,
-        metavar="{true,false,auto}",
-        help="fit block by block to the dense outputs (no value: true; 'auto': kept where the held-out error drops)",
+        "fit block by block to the dense outputs (no value: true; 'auto': kept where the held-out error drops)",
     )
     group.add_argument("--no-sequential", dest="sequential", action="store_const", const=False)
-    group.add_argument(
+    _add_true_false_auto(
+        group,
         "--shared-qkv",
-        dest="shared_qkv",
-        nargs="?",
-        const=True,
-        default=None,
-        type=_sequential_choice,
-        metavar="{true,false,auto}",
-        help="let allocation give q/k/v one shared down-projection per block (no value: true; 'auto': kept where "
+        "let allocation give q/k/v one shared down-projection per block (no value: true; 'auto': kept where "
         "the held-out error drops)",
     )
     group.add_argument("--compensation-rank", dest="compensation_rank", type=int, default=None)
@@ -601,7 +587,21 @@ def _add_config_arguments(parser: argparse.ArgumentParser, seed: bool = True) ->
         group.add_argument("--seed", type=int, default=None)
 
 
-def _sequential_choice(value: str) -> bool | str:  # also --shared-qkv's
+def _add_true_false_auto(group: argparse._ArgumentGroup, flag: str, help: str) -> None:
+    """A config option that is True, False or 'auto' (the flag alone: True; absent: the config's default)."""
+    group.add_argument(
+        flag,
+        dest=flag.removeprefix("--").replace("-", "_"),
+        nargs="?",
+        const=True,
+        default=None,
+        type=_true_false_auto,
+        metavar="{true,false,auto}",
+        help=help,
+    )
+
+
+def _true_false_auto(value: str) -> bool | str:
     choices = {"true": True, "false": False, "auto": "auto"}
     if value.lower() not in choices:
         raise argparse.ArgumentTypeError(f"expected true, false or auto, got {value!r}")

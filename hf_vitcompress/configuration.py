@@ -200,9 +200,6 @@ class CompressionConfig:
                 )
             if min(self.pruning_count_lr, self.pruning_dual_lr, self.pruning_proximal_lr) < 0:
                 raise ValueError("pruning_count_lr, pruning_dual_lr and pruning_proximal_lr must be >= 0.")
-            if self.shared_qkv is True:
-                raise ValueError("shared_qkv=True belongs to method='activation_aware'; pruning keeps q/k/v separate.")
-            self.shared_qkv = False if self.shared_qkv == "auto" else self.shared_qkv
         else:
             if self.target_flops_ratio is not None or self.skip_blocks:
                 raise ValueError(
@@ -221,10 +218,8 @@ class CompressionConfig:
             self.rank_allocation = "global" if self.rank_allocation == "auto" else self.rank_allocation
             self.loss_weighting = "none" if self.loss_weighting == "auto" else self.loss_weighting
             self.sequential = False if self.sequential == "auto" else self.sequential
-            self.shared_qkv = False if self.shared_qkv == "auto" else self.shared_qkv
             unsupported = {
                 "sequential=True": self.sequential is True,
-                "shared_qkv=True": self.shared_qkv is True,
                 f"compensation_rank={self.compensation_rank}": self.compensation_rank > 0,
                 f"whitening={self.whitening!r}": self.whitening == "diagonal",
                 f"rank_allocation={self.rank_allocation!r}": self.rank_allocation != "global",
@@ -256,13 +251,17 @@ class CompressionConfig:
             value = getattr(self, name)
             if not (isinstance(value, bool) or value == "auto"):
                 raise ValueError(f"{name} must be True, False or 'auto', got {value!r}.")
-        if self.compensation_rank > 0 and self.shared_qkv:
+        if self.shared_qkv and (self.method != "activation_aware" or self.compensation_rank > 0):
+            if self.shared_qkv is True and self.method != "activation_aware":
+                raise ValueError(
+                    f"shared_qkv=True belongs to method='activation_aware'; {self.method} keeps q/k/v separate."
+                )
             if self.shared_qkv is True:
                 raise ValueError(
                     "shared_qkv=True cannot be combined with compensation_rank > 0 (the compensation residual is "
                     "trained per linear); set one of them off."
                 )
-            self.shared_qkv = False  # 'auto': the compensated per-layer form is what was asked for
+            self.shared_qkv = False  # 'auto' where it cannot apply: the per-layer form
         if not 0.0 <= self.gram_shrinkage <= 1.0:
             raise ValueError(f"gram_shrinkage must be in [0, 1], got {self.gram_shrinkage}.")
         if self.damping < 0:

@@ -328,8 +328,7 @@ def build_model_card(
     compression_config = dict(config.compression_config or {})
     provenance = dict(getattr(config, "compression_provenance", None) or {})
     method = compression_config.get("method", "unknown")
-    shared_blocks = sum(layer.kind == "shared_input" for layer in plan.layers.values())
-    title, summary = describe_method(compression_config, plan.selection, shared_blocks)
+    title, summary = describe_method(compression_config, plan.selection, plan.shared_blocks)
 
     report = report if report is not None else getattr(model, "evaluation_report", None)
     variables: dict[str, Any] = {}

@@ -14,7 +14,7 @@ from torch import nn
 
 from .attention import HeadFactorizedAttention, head_factorized_parameter_count
 from .layers import IMPLEMENTATIONS, LowRankLinear, SkippedBlock, low_rank_parameter_count
-from .shared_input import share_input, shareable_projections
+from .shared_input import projection_shape, share_input, shareable_projections
 
 PLAN_VERSION = 3  # the newest plan this release reads
 # 1: the first format. 2: low-rank layers may record an ``implementation`` and the plan its ``tuning``.
@@ -131,6 +131,11 @@ class CompressionPlan:
     selection: dict[str, Any] | None = None
 
     @property
+    def shared_blocks(self) -> int:
+        """How many attentions read one shared q/k/v down-projection (``shared_input`` entries)."""
+        return sum(layer.kind == "shared_input" for layer in self.layers.values())
+
+    @property
     def param_ratio(self) -> float:
         return self.parameters / self.dense_parameters if self.dense_parameters else 1.0
 
@@ -220,7 +225,7 @@ def _shared_input_for(name: str, current: nn.Module, layer: LayerPlan) -> nn.Mod
         linears = shareable_projections(current, layer.projections)
     except ValueError as error:
         raise PlanMismatchError(f"The compression plan shares the input of {name!r}: {error}") from error
-    shape = (linears[0].in_features, sum(linear.out_features for linear in linears), linears[0].bias is not None)
+    shape = projection_shape(linears)
     if shape != (layer.in_features, layer.out_features, layer.bias):
         raise PlanMismatchError(
             f"The compression plan expects {name!r}'s {layer.projections} to read width {layer.in_features} and "

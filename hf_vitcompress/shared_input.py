@@ -87,6 +87,11 @@ def shareable_projections(module: nn.Module, projections: Sequence[str]) -> list
     return linears
 
 
+def projection_shape(linears: Sequence[nn.Linear]) -> tuple[int, int, bool]:
+    """``(in_features, out_features in all, bias)`` of a group of projections: what a plan entry records."""
+    return linears[0].in_features, sum(linear.out_features for linear in linears), linears[0].bias is not None
+
+
 def share_input(
     module: nn.Module,
     projections: Sequence[str],

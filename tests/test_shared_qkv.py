@@ -373,6 +373,8 @@ def test_the_card_does_not_count_shared_attentions_as_untimed_pairs(shared_model
     card = str(build_model_card(small))
     assert "not reached by the timing pass" not in card
     assert "shared rank" in card
+    blocks = small.compression_plan.shared_blocks
+    assert blocks > 0 and f"in {blocks} attention blocks query, key and value share" in card
 
 
 def test_the_default_shares_where_it_can():

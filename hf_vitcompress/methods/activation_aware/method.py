@@ -31,7 +31,7 @@ from ...calibration.validation import CalibrationSplit, HeldOutReference, forwar
 from ...configuration import CompressionConfig
 from ...layers import LowRankLinear
 from ...plan import CompressionPlan, LayerPlan, count_parameters, set_submodule
-from ...shared_input import SharedInputMixin, share_input
+from ...shared_input import SharedInputMixin, projection_shape, share_input
 from .compensation import CompensationResult, train_compensation
 from .factorization import WhitenedSVD
 from .selection import (
@@ -273,12 +273,13 @@ def compress_activation_aware(
     layers = {}
     for group in groups:
         if isinstance(module := model.get_submodule(group.parent), SharedInputMixin):
-            linears = [getattr(module, projection) for projection in group.projections]
+            # the up-projections give the outputs and bias; the input width is the shared down-projection's
+            _, out_features, bias = projection_shape([getattr(module, p) for p in group.projections])
             layers[group.parent] = LayerPlan(
                 "shared_input",
                 module.shared_down.in_features,
-                sum(linear.out_features for linear in linears),
-                linears[0].bias is not None,
+                out_features,
+                bias,
                 module.shared_rank,
                 projections=list(group.projections),
             )

@@ -259,8 +259,13 @@ def rank_candidate(
     ``normalization="relative"`` divides by the layer's own output energy."""
     errors = layer_errors(svd, statistics, output_weights, exact_spectrum)
     if normalization == "relative":
-        errors = errors / max(float(errors[0]), 1e-30)
+        errors = relative_errors(errors)
     return RankCandidate(name, module.in_features, module.out_features, errors)
+
+
+def relative_errors(errors: torch.Tensor) -> torch.Tensor:
+    """A layer's errors divided by its own output energy (``errors[0]``)."""
+    return errors / max(float(errors[0]), 1e-30)
 
 
 def factorize_shared(
@@ -383,7 +388,7 @@ def select_factorization(
     """
     start = time.perf_counter()
     grid = candidate_grid(config)
-    groups = list(groups) if config.shared_qkv else []
+    groups = list(groups)
     count = sum(len(allocations) for _, allocations in grid)
     # the block-by-block fit and the shared projections are compared with the winner
     measured = count > 1 or config.sequential == "auto" or (config.shared_qkv == "auto" and bool(groups))
@@ -448,7 +453,7 @@ def select_factorization(
                 name,
                 originals[name].in_features,
                 originals[name].out_features,
-                raw[name] / max(float(raw[name][0]), 1e-30) if relative else raw[name],
+                relative_errors(raw[name]) if relative else raw[name],
             )
             for name in targets
         }
