@@ -41,6 +41,13 @@ class SharedInputMixin:
     def extra_repr(self) -> str:
         return f"shared_rank={self.shared_rank}, projections={list(self.shared_input_projections)}"
 
+    def __reduce_ex__(self, protocol):
+        # Pickled by its base class, not by name: the subclass is made at run time, so a fresh process that
+        # unpickles (torch.load of a whole model, DataLoader workers) has no ``SharedInput<Base>`` until
+        # :func:`shared_input_class` makes it again.
+        base = next(c for c in type(self).__mro__ if not issubclass(c, SharedInputMixin))
+        return (_new_shared_input, (base,), self.__getstate__())
+
 
 _CLASSES: dict[type, type] = {}
 
@@ -55,6 +62,12 @@ def shared_input_class(base: type) -> type:
         setattr(sys.modules[__name__], name, cls)
         _CLASSES[base] = cls
     return _CLASSES[base]
+
+
+def _new_shared_input(base: type) -> nn.Module:
+    """An empty instance of ``base``'s shared-input class, for unpickling (the state is set after)."""
+    cls = shared_input_class(base)
+    return cls.__new__(cls)
 
 
 def _shallow_copy(module: nn.Module, cls: type) -> nn.Module:

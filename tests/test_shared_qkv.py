@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 from transformers import AutoModelForImageClassification
@@ -473,3 +476,12 @@ def test_a_shared_model_pickles_exports_and_leaves_the_dense_model_alone(shared_
             assert torch.equal(clone(pixel_values=pixels).logits, want)
         exported = torch.export.export(shared, (), {"pixel_values": pixels})
         torch.testing.assert_close(exported.module()(pixel_values=pixels).logits, want)
+    # a fresh process has no SharedInput<Base> class until one is made: torch.load of a whole model did fail
+    path = tmp_path / "model.pt"
+    torch.save({"model": shared, "pixels": pixels, "want": want}, path)
+    script = (
+        "import sys, torch; saved = torch.load(sys.argv[1], weights_only=False); m = saved['model']; "
+        "assert type(m.vit.layers[0].attention).__name__ == 'SharedInputViTAttention'; "
+        "assert torch.equal(m(pixel_values=saved['pixels']).logits, saved['want'])"
+    )
+    subprocess.run([sys.executable, "-c", script, str(path)], check=True, timeout=120)
