@@ -53,7 +53,8 @@ _CLASSES: dict[type, type] = {}
 
 
 def shared_input_class(base: type) -> type:
-    """The shared-input subclass of an attention class (one per class, importable so that models pickle)."""
+    """The shared-input subclass of an attention class (one per class). Also set on this module so that the class
+    itself can be named; instances pickle by their base class (``SharedInputMixin.__reduce_ex__``)."""
     if issubclass(base, SharedInputMixin):
         return base
     if base not in _CLASSES:
