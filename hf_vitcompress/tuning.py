@@ -13,7 +13,8 @@ at its real input shape (captured from one forward pass on ``example_inputs``) a
 and keeps the fastest. A layer that is fastest dense is merged back into an ``nn.Linear`` (it then
 holds more weights: the plan's parameter count says so); a fused one records
 ``implementation="fused"``. The decisions and the timings go into the plan (``plan.tuning``), so
-``save_pretrained`` / ``from_pretrained`` reproduce them without timing again.
+``save_pretrained`` / ``from_pretrained`` reproduce them without timing again. Shared q/k/v input
+projections and head-factorized attention are not timed: they always run as their factor matmuls.
 """
 
 from __future__ import annotations
@@ -29,9 +30,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from .attention import HeadFactorizedAttention
 from .kernels.lowrank import triton_available
 from .layers import LowRankLinear
 from .plan import CompressionPlan, count_parameters, set_submodule
+from .shared_input import SharedInputMixin
 
 CHOICES = ("dense", "factorized", "fused")
 
@@ -166,6 +169,13 @@ def tune(
     """
     plan_data = getattr(getattr(model, "config", None), "compression_plan", None)
     names = [name for name, module in model.named_modules() if isinstance(module, LowRankLinear)]
+    untimed = _untimed_factorized_parts(model)
+    if plan_data and not names and untimed:
+        raise TuningError(
+            f"tune() times LowRankLinear layers; this compressed model has none: its factorized parts are "
+            f"{' and '.join(untimed)}, which tune() does not time (they always run as their factor matmuls). "
+            "There is nothing to tune; serve the model as it is."
+        )
     if not plan_data or not names:
         raise TuningError(
             "tune() times the factorized layers of a compressed model; this model has none. "
@@ -216,6 +226,14 @@ def tune(
     with torch.inference_mode(False):  # merged weights must stay ordinary tensors (trainable, saveable)
         _apply(model, timings, device, dtype, tuple(pixel_values.shape))
     return timings
+
+
+def _untimed_factorized_parts(model: nn.Module) -> list[str]:
+    """Names the factorized modules ``tune`` leaves as they are, so its refusal can say what the model holds."""
+    shared = sum(isinstance(m, SharedInputMixin) for m in model.modules())
+    heads = sum(isinstance(m, HeadFactorizedAttention) for m in model.modules())
+    parts = [f"shared q/k/v input projections in {shared} block(s)"] if shared else []
+    return parts + ([f"head-factorized attention in {heads} block(s)"] if heads else [])
 
 
 def _apply(

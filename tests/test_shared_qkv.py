@@ -485,3 +485,14 @@ def test_a_shared_model_pickles_exports_and_leaves_the_dense_model_alone(shared_
         "assert torch.equal(m(pixel_values=saved['pixels']).logits, saved['want'])"
     )
     subprocess.run([sys.executable, "-c", script, str(path)], check=True, timeout=120)
+
+
+def test_tune_says_it_does_not_time_shared_q_k_v(shared_model):
+    """A model whose only factorized parts are shared q/k/v groups has nothing tune() times: it says so and
+    what the model holds, rather than "this model has none ... compress it first"."""
+    from hf_vitcompress import LowRankLinear, TuningError, tune
+
+    _, shared, _ = shared_model
+    assert not any(isinstance(m, LowRankLinear) for m in shared.modules())
+    with pytest.raises(TuningError, match=r"shared q/k/v input projections in 2 block\(s\), which tune\(\) does not"):
+        tune(shared, _images(2))
