@@ -16,6 +16,16 @@ from .families.deit import (
     CompressedDeiTForImageClassificationWithTeacher,
     CompressedDeiTModel,
 )
+from .families.dinov2 import (
+    CompressedDinov2Backbone,
+    CompressedDinov2Config,
+    CompressedDinov2ForImageClassification,
+    CompressedDinov2Model,
+    CompressedDinov2WithRegistersBackbone,
+    CompressedDinov2WithRegistersConfig,
+    CompressedDinov2WithRegistersForImageClassification,
+    CompressedDinov2WithRegistersModel,
+)
 from .families.vit import CompressedViTConfig, CompressedViTForImageClassification, CompressedViTModel
 from .layers import LowRankLinear, SkippedBlock
 from .methods.pruning.structure import PruningError
@@ -79,6 +89,14 @@ __all__ = [
     "CompressedDeiTForImageClassification",
     "CompressedDeiTForImageClassificationWithTeacher",
     "CompressedDeiTModel",
+    "CompressedDinov2Backbone",
+    "CompressedDinov2Config",
+    "CompressedDinov2ForImageClassification",
+    "CompressedDinov2Model",
+    "CompressedDinov2WithRegistersBackbone",
+    "CompressedDinov2WithRegistersConfig",
+    "CompressedDinov2WithRegistersForImageClassification",
+    "CompressedDinov2WithRegistersModel",
     "CompressedViTConfig",
     "CompressedViTForImageClassification",
     "CompressedViTModel",

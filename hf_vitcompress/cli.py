@@ -119,12 +119,34 @@ def load_batches(
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
-def load_model(path_or_id: str, dtype: str | None = None):
-    """The checkpoint as an image classifier, in ``dtype`` (default ``"auto"``: the dtype it was saved in,
-    which is what transformers 5 loads; a bfloat16 checkpoint stays bfloat16 and compresses as such)."""
-    from transformers import AutoModelForImageClassification
+def load_model(path_or_id: str, dtype: str | None = None, classifier: bool = True):
+    """The checkpoint in ``dtype`` (default ``"auto"``: the dtype it was saved in, which is what transformers 5
+    loads; a bfloat16 checkpoint stays bfloat16 and compresses as such).
 
-    return AutoModelForImageClassification.from_pretrained(path_or_id, dtype=dtype or "auto").eval()
+    With ``classifier`` (the commands that measure top-1 or train on labels) it is an image classifier, and a
+    checkpoint saved as a backbone is refused rather than given a random head. Otherwise (``compress``, ``card``,
+    ``push``) it is the kind of model its config's ``architectures`` names: a ``Dinov2Model`` is compressed as a
+    backbone, a ``Dinov2Backbone`` as a backbone, a classifier as a classifier."""
+    from transformers import AutoBackbone, AutoConfig, AutoModel, AutoModelForImageClassification
+
+    config = AutoConfig.from_pretrained(path_or_id)
+    architectures = list(getattr(config, "architectures", None) or [])
+    is_classifier = not architectures or any("ForImageClassification" in name for name in architectures)
+    if classifier and not is_classifier:
+        raise ValueError(
+            f"{path_or_id} is saved as {architectures[0]}, which has no image classifier, and this command "
+            "measures top-1 or trains on labels. Give it a ...ForImageClassification checkpoint; `compress`, `card` "
+            "and `push` take backbones too."
+        )
+    if is_classifier:
+        auto = AutoModelForImageClassification
+    elif any(name.endswith("Backbone") for name in architectures):
+        # AutoBackbone.from_pretrained treats every local folder as a timm name (transformers 5.24), so the class
+        # it maps this config to loads the folder itself.
+        auto = AutoBackbone._model_mapping[type(config)]
+    else:
+        auto = AutoModel
+    return auto.from_pretrained(path_or_id, config=config, dtype=dtype or "auto").eval()
 
 
 # -- commands ---------------------------------------------------------------------------------------
@@ -143,7 +165,7 @@ def cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
 
     model_path = args.model or str(DEFAULT_MODEL_DIR)
     config = _config_from_args(args)
-    model = load_model(model_path, args.dtype)
+    model = load_model(model_path, args.dtype, classifier=False)
     if args.tune and config.method == "pruning":
         raise ValueError("--tune chooses how factorized layers run; method 'pruning' leaves none (drop --tune).")
     processes = CalibrationProcesses.current()
@@ -486,7 +508,7 @@ def cmd_search_ranks(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_card(args: argparse.Namespace) -> str:
     from .hub import build_model_card
 
-    model = load_model(args.model)
+    model = load_model(args.model, classifier=False)
     card = build_model_card(model, repo_id=args.repo_id, license=args.license)
     path = Path(args.output) if args.output else Path(args.model) / "README.md"
     card.save(path)
@@ -495,7 +517,7 @@ def cmd_card(args: argparse.Namespace) -> str:
 
 
 def cmd_push(args: argparse.Namespace) -> str:
-    model = load_model(args.model)
+    model = load_model(args.model, classifier=False)
     commit = model.push_to_hub(
         args.repo_id,
         private=args.private,

@@ -369,13 +369,16 @@ def build_model_card(
         calibration = "The calibration data was not recorded in this checkpoint."
 
     base = provenance.get("base_model")
-    card_tags = ["hf-vitcompress", "vision", "image-classification", "model-compression", method.replace("_", "-")]
+    # A backbone (Dinov2Model, Dinov2Backbone) is a feature extractor on the Hub, not a classifier.
+    task = "image-classification" if "ForImageClassification" in type(model).__name__ else "image-feature-extraction"
+    variables["is_classifier"] = task == "image-classification"
+    card_tags = ["hf-vitcompress", "vision", task, "model-compression", method.replace("_", "-")]
     card_tags += [tag for tag in tags if tag not in card_tags]
     eval_results = _eval_results(report) if report is not None else []
     model_name = repo_id.split("/")[-1] if repo_id else template_variables.pop("model_name", "compressed-vit")
     card_data = ModelCardData(
         library_name="transformers",
-        pipeline_tag="image-classification",
+        pipeline_tag=task,
         base_model=base if is_hub_id(base) else None,
         license=license,
         tags=card_tags,

@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from torch import nn
-from transformers import AutoConfig, AutoModel, AutoModelForImageClassification, PreTrainedModel
+from transformers import AutoBackbone, AutoConfig, AutoModel, AutoModelForImageClassification, PreTrainedModel
+from transformers.backbone_utils import BackboneMixin
 from transformers.utils import output_capturing
 
 from .attention import HeadFactorizedAttention
@@ -235,6 +236,8 @@ def install_output_recorders(model: nn.Module) -> None:
 
 
 def _asks_for_outputs(model: nn.Module, kwargs: dict[str, Any]) -> bool:
+    if isinstance(model, BackboneMixin):  # a ...Backbone builds its feature maps from the hidden states, always
+        return True
     for name in ("output_attentions", "output_hidden_states"):
         value = kwargs.get(name, getattr(model.config, name, None))
         if value is not None and value is not False:  # an index (even 0) or a list selects hidden states
@@ -333,7 +336,11 @@ def register_family_classes(config_class: type, model_classes: dict[str, type | 
     AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
     dense_config = next(c for c in config_class.__mro__[1:] if getattr(c, "model_type", "") and "model_type" in vars(c))
     _share_weight_renaming(dense_config.model_type, config_class.model_type)
-    autos = {"AutoModel": AutoModel, "AutoModelForImageClassification": AutoModelForImageClassification}
+    autos = {
+        "AutoModel": AutoModel,
+        "AutoModelForImageClassification": AutoModelForImageClassification,
+        "AutoBackbone": AutoBackbone,
+    }
     for auto_name, classes in model_classes.items():
         autos[auto_name].register(config_class, classes, exist_ok=True)
 

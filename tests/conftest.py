@@ -22,6 +22,8 @@ import torch  # noqa: E402
 from transformers import (  # noqa: E402
     DeiTConfig,
     DeiTForImageClassification,
+    Dinov2Config,
+    Dinov2WithRegistersConfig,
     ViTConfig,
     ViTForImageClassification,
     ViTModel,
@@ -61,6 +63,31 @@ def tiny_vit_model(**overrides) -> ViTModel:
 def tiny_deit(num_labels: int = 5) -> DeiTForImageClassification:
     torch.manual_seed(0)
     return DeiTForImageClassification(DeiTConfig(**TINY, num_labels=num_labels)).eval()
+
+
+DINOV2_TINY = dict(
+    image_size=16, patch_size=4, num_channels=3, hidden_size=48, num_hidden_layers=2, num_attention_heads=4, mlp_ratio=2
+)
+
+
+def tiny_dinov2(cls: type, **overrides) -> torch.nn.Module:
+    """A tiny DINOv2 of class ``cls`` (model, classifier or backbone, with or without registers) whose LayerScale
+    is random, not the identity, so that a method that dropped or misplaced it would be seen."""
+    torch.manual_seed(0)
+    name = cls.__name__
+    registers = name.startswith("Dinov2WithRegisters")
+    extra = {"num_register_tokens": 2} if registers else {}
+    if "ForImageClassification" in name:
+        extra["num_labels"] = 5
+    if name.endswith("Backbone"):
+        extra["out_features"] = ["stage1", "stage2"]
+    config_class = Dinov2WithRegistersConfig if registers else Dinov2Config
+    model = cls(config_class(**{**DINOV2_TINY, **extra, **overrides})).eval()
+    with torch.no_grad():
+        for module in model.modules():
+            if hasattr(module, "lambda1"):
+                module.lambda1.uniform_(0.2, 1.5)
+    return model
 
 
 @pytest.fixture

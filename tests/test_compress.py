@@ -55,15 +55,23 @@ def test_round_trip_is_bit_exact(tmp_path, pixels, factory, auto):
     assert torch.equal(out_small[key], out_again[key])
 
 
-def test_loading_without_plugin_fails_loudly(tmp_path, pixels):
-    compress(tiny_vit(), CONFIG, pixels, progress=False).save_pretrained(tmp_path)
+@pytest.mark.parametrize("family", ["vit", "dinov2"])
+def test_loading_without_plugin_fails_loudly(tmp_path, pixels, family):
+    from transformers import Dinov2Model
+
+    from .conftest import tiny_dinov2
+
+    dense, auto = (
+        (tiny_vit(), "AutoModelForImageClassification") if family == "vit" else (tiny_dinov2(Dinov2Model), "AutoModel")
+    )
+    compress(dense, CONFIG, pixels, progress=False).save_pretrained(tmp_path)
     script = textwrap.dedent(
         f"""
         import sys
-        from transformers import AutoModelForImageClassification
+        from transformers import {auto}
         for kwargs in ({{}}, {{"trust_remote_code": True}}):
             try:
-                AutoModelForImageClassification.from_pretrained({str(tmp_path)!r}, **kwargs)
+                {auto}.from_pretrained({str(tmp_path)!r}, **kwargs)
             except Exception as error:
                 print("FAILED", type(error).__name__, str(error).replace(chr(10), " "))
             else:

@@ -38,6 +38,7 @@ from hf_vitcompress import (
     count_parameters,
 )
 from hf_vitcompress.attention import HeadFactorizedAttention
+from hf_vitcompress.families import family_for
 
 from .conftest import TINY, tiny_vit, tiny_vit_model
 
@@ -131,7 +132,8 @@ def attention_outputs_by_hook(model: torch.nn.Module, pixels: torch.Tensor) -> l
     """What each attention module itself returns as weights, in forward order (the ground truth)."""
     seen, handles = [], []
     for module in model.modules():
-        if type(module).__name__ in ("ViTAttention", "DeiTAttention") or isinstance(module, HeadFactorizedAttention):
+        dense = type(module).__name__.endswith("Attention") and hasattr(module, "q_proj")  # ViT/DeiT/Dinov2...
+        if dense or isinstance(module, HeadFactorizedAttention):
             handles.append(module.register_forward_hook(lambda _m, _a, output: seen.append(output[1])))
     with torch.no_grad():
         model(pixel_values=pixels)
@@ -148,7 +150,7 @@ def check_recorded_outputs(small, dense, implementation: str) -> None:
         got = small(pixel_values=pixels, output_attentions=True, output_hidden_states=True)
         want = dense(pixel_values=pixels, output_attentions=True, output_hidden_states=True)
     layers = dense.config.num_hidden_layers
-    blocks = small.vit.layers if hasattr(small, "vit") else small.layers
+    blocks = family_for(small).blocks(small)
     assert len(got.hidden_states) == len(want.hidden_states) == layers + 1
     torch.testing.assert_close(got.hidden_states[0], want.hidden_states[0])  # the embeddings are not compressed
     for index, block in enumerate(blocks):

@@ -523,20 +523,25 @@ def test_load_best_model_at_end_restores_the_best_weights_and_their_report(tmp_p
     assert student.evaluation_report is not None and student.evaluation_report.matches(student)
 
 
-def test_a_backbone_is_distilled_on_its_last_hidden_state(tmp_path, pixels):
-    """A ViTModel (no logits, no labels) learns its teacher's features: the feature error drops, and asking for
-    cross-entropy on a backbone is a clear error."""
-    from .conftest import tiny_vit_model
+@pytest.mark.parametrize("backbone", ["ViTModel", "Dinov2Backbone"])
+def test_a_backbone_is_distilled_on_its_features(tmp_path, pixels, backbone):
+    """A ViTModel (no logits, no labels) learns its teacher's last_hidden_state, a Dinov2Backbone its feature
+    maps: the feature error drops, and asking for cross-entropy on a backbone is a clear error."""
+    from transformers import Dinov2Backbone
 
-    teacher = tiny_vit_model()
+    from hf_vitcompress.calibration.validation import output_of
+
+    from .conftest import tiny_dinov2, tiny_vit_model
+
+    teacher = tiny_vit_model() if backbone == "ViTModel" else tiny_dinov2(Dinov2Backbone)
     student = compress(teacher, CompressionConfig(target_param_ratio=0.4), pixels, progress=False)
     data = [{"pixel_values": p} for p in pixels]
 
     @torch.no_grad()
     def feature_error():
         student.eval()
-        reference = teacher(pixel_values=pixels).last_hidden_state
-        return float((student(pixel_values=pixels).last_hidden_state - reference).norm() / reference.norm())
+        reference = output_of(teacher(pixel_values=pixels))[1]
+        return float((output_of(student(pixel_values=pixels))[1] - reference).norm() / reference.norm())
 
     before = feature_error()
     with pytest.raises(ValueError, match="no logits.*alpha=1.0"):

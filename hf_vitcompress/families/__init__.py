@@ -6,9 +6,10 @@ from torch import nn
 
 from .base import FamilyAdapter
 from .deit import DEIT_FAMILY
+from .dinov2 import DINOV2_FAMILY, DINOV2_WITH_REGISTERS_FAMILY
 from .vit import VIT_FAMILY
 
-FAMILIES: tuple[FamilyAdapter, ...] = (VIT_FAMILY, DEIT_FAMILY)
+FAMILIES: tuple[FamilyAdapter, ...] = (VIT_FAMILY, DEIT_FAMILY, DINOV2_FAMILY, DINOV2_WITH_REGISTERS_FAMILY)
 
 
 def family_for(model: nn.Module) -> FamilyAdapter:
@@ -19,7 +20,7 @@ def family_for(model: nn.Module) -> FamilyAdapter:
     names = ", ".join(cls.__name__ for family in FAMILIES for cls in family.compressed_classes)
     raise TypeError(
         f"hf_vitcompress has no adapter for {type(model).__name__}. Supported models: {names}. "
-        "Other families (DINOv2, Swin, CLIP-vision) need an adapter in hf_vitcompress/families/."
+        "Other families (Swin, CLIP/SigLIP vision, BEiT, timm) need an adapter in hf_vitcompress/families/."
     )
 
 

@@ -13,6 +13,10 @@ class FamilyAdapter:
 
     ``linear_groups`` lists a block's linears in the order data flows through them; linears in one
     group read the same input (q/k/v), so sequential calibration handles them together.
+    Paths in ``linear_groups`` that a block does not have are skipped, so one adapter can list the
+    variants of a family (DINOv2's GELU MLP ``fc1``/``fc2`` and its SwiGLU ``gate_proj``/``up_proj``/``down_proj``).
+    ``block_path`` is where the ``ModuleList`` of blocks lives in the bare model (``layers`` for ViT,
+    ``encoder.layer`` for DINOv2); a task model holds the bare one at ``backbone_attr``.
     ``shared_input_groups`` are the indices of groups that are *all* the input projections of their
     parent module, whose ``forward`` reads its input only through them and its leading shape (ViT's
     attention): those may share one down-projection (:mod:`hf_vitcompress.shared_input`).
@@ -26,6 +30,7 @@ class FamilyAdapter:
     compressed_classes: dict[type, type] = field(default_factory=dict)
     config_class: type | None = None
     shared_input_groups: tuple[int, ...] = ()
+    block_path: str = "layers"
 
     @property
     def roles(self) -> tuple[str, ...]:
@@ -37,14 +42,16 @@ class FamilyAdapter:
 
     def block_list_name(self, model: nn.Module) -> str:
         """Dotted path of the ``ModuleList`` of encoder blocks inside ``model``."""
-        if hasattr(model, "layers") and isinstance(model.layers, nn.ModuleList):
-            return "layers"
-        backbone = getattr(model, self.backbone_attr, None)
-        if backbone is None or not isinstance(getattr(backbone, "layers", None), nn.ModuleList):
-            raise ValueError(
-                f"Cannot find the encoder blocks of {type(model).__name__} (expected `.{self.backbone_attr}.layers`)."
-            )
-        return f"{self.backbone_attr}.layers"
+        for path in (self.block_path, f"{self.backbone_attr}.{self.block_path}"):
+            try:
+                if isinstance(model.get_submodule(path), nn.ModuleList):
+                    return path
+            except AttributeError:
+                continue
+        raise ValueError(
+            f"Cannot find the encoder blocks of {type(model).__name__} (expected `.{self.block_path}` or "
+            f"`.{self.backbone_attr}.{self.block_path}`)."
+        )
 
     def blocks(self, model: nn.Module) -> nn.ModuleList:
         return model.get_submodule(self.block_list_name(model))

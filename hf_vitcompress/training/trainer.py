@@ -16,6 +16,7 @@ from torch import nn
 from transformers import EvalPrediction, PreTrainedModel, Trainer
 from transformers.trainer_pt_utils import nested_gather
 
+from ..calibration.validation import output_of
 from .arguments import DistillationArguments
 from .callbacks import CompressionCallback
 from .losses import distillation_loss, feature_alignment_loss
@@ -178,8 +179,9 @@ class DistillationTrainer(Trainer):
                 teacher_outputs = teacher(**model_inputs)
         if backbone:
             if args.alpha > 0:
+                # last_hidden_state, or a ...Backbone's feature maps: what its users consume (output_of)
                 terms["kd"] = nn.functional.mse_loss(
-                    outputs.last_hidden_state.float(), teacher_outputs.last_hidden_state.float()
+                    output_of(outputs)[1].float(), output_of(teacher_outputs)[1].float()
                 )
         else:
             # DeiT's distillation head learns from the teacher, its class head from the labels.

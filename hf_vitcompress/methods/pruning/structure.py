@@ -94,6 +94,12 @@ class PrunableModel:
             attention = getattr(block, "attention", None)
             mlp = getattr(block, "mlp", None)
             projections = [getattr(attention, name, None) for name in ATTENTION_PROJECTIONS]
+            if isinstance(getattr(mlp, "gate_proj", None), nn.Linear):
+                raise PruningError(
+                    f"Block {prefix}.{index} of {type(model).__name__} has a SwiGLU MLP (gate_proj/up_proj/down_proj, "
+                    "DINOv2 ViT-g): structured pruning removes fc1/fc2 neurons and does not handle it yet. Use "
+                    "method='activation_aware' or method='head_factorization', which do."
+                )
             if not all(isinstance(p, nn.Linear) for p in projections) or not all(
                 isinstance(getattr(mlp, name, None), nn.Linear) for name in ("fc1", "fc2")
             ):

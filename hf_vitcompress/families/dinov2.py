@@ -1,0 +1,107 @@
+"""DINOv2 family: ``Dinov2Model`` / ``Dinov2ForImageClassification`` / ``Dinov2Backbone``, and the same three
+``Dinov2WithRegisters...`` classes (transformers 5.x module names).
+
+Blocks live at ``encoder.layer`` (``dinov2.encoder.layer`` in the classifier); each block has
+``attention.{q,k,v}_proj`` / ``o_proj``, then ``layer_scale1``; ``mlp.fc1`` / ``mlp.fc2`` (GELU), or
+``mlp.gate_proj`` / ``up_proj`` / ``down_proj`` (the SwiGLU MLP of ViT-g), then ``layer_scale2``.
+
+LayerScale is kept as it is, not folded into ``o_proj`` / ``fc2``: a compressed checkpoint then loads the
+dense checkpoint's ``lambda1`` unchanged, and the calibration statistics of ``o_proj`` / ``fc2`` (their inputs)
+do not depend on it. Register tokens (``Dinov2WithRegisters``) are tokens like the others for every method.
+Position embeddings are always interpolated to the input size by the model itself.
+"""
+
+from __future__ import annotations
+
+from huggingface_hub.dataclasses import strict
+from transformers import (
+    Dinov2Backbone,
+    Dinov2Config,
+    Dinov2ForImageClassification,
+    Dinov2Model,
+    Dinov2PreTrainedModel,
+    Dinov2WithRegistersBackbone,
+    Dinov2WithRegistersConfig,
+    Dinov2WithRegistersForImageClassification,
+    Dinov2WithRegistersModel,
+    Dinov2WithRegistersPreTrainedModel,
+)
+
+from ..modeling_utils import CompressedConfigMixin, make_compressed_model_class, register_family_classes
+from .base import FamilyAdapter
+
+DINOV2_BLOCK_LINEARS = (
+    ("attention.q_proj", "attention.k_proj", "attention.v_proj"),
+    ("attention.o_proj",),
+    ("mlp.fc1",),
+    ("mlp.fc2",),
+    ("mlp.gate_proj", "mlp.up_proj"),  # SwiGLU (use_swiglu_ffn=True): both read the block's normed input
+    ("mlp.down_proj",),
+)
+
+
+@strict
+class CompressedDinov2Config(CompressedConfigMixin, Dinov2Config):
+    """``Dinov2Config`` plus the compression config and plan, under its own ``model_type``."""
+
+    model_type = "vitcompress_dinov2"
+
+    compression_config: dict | None = None
+    compression_plan: dict | None = None
+    compression_provenance: dict | None = None
+
+
+@strict
+class CompressedDinov2WithRegistersConfig(CompressedConfigMixin, Dinov2WithRegistersConfig):
+    """``Dinov2WithRegistersConfig`` plus the compression config and plan, under its own ``model_type``."""
+
+    model_type = "vitcompress_dinov2_with_registers"
+
+    compression_config: dict | None = None
+    compression_plan: dict | None = None
+    compression_provenance: dict | None = None
+
+
+def _family(name: str, base_model_type: str, pretrained: type, config_class: type, dense: tuple) -> FamilyAdapter:
+    """The adapter for one of the two DINOv2 model types: ``dense`` is its (model, classifier, backbone)."""
+    compressed = {cls: make_compressed_model_class(cls, config_class, __name__) for cls in dense}
+    model, classifier, backbone = (compressed[cls] for cls in dense)
+    register_family_classes(
+        config_class,
+        {"AutoModel": model, "AutoModelForImageClassification": classifier, "AutoBackbone": backbone},
+    )
+    return FamilyAdapter(
+        name=name,
+        base_model_type=base_model_type,
+        pretrained_class=pretrained,
+        backbone_attr=pretrained.base_model_prefix,
+        linear_groups=DINOV2_BLOCK_LINEARS,
+        compressed_classes=compressed,
+        shared_input_groups=(0,),  # attention.{q,k,v}_proj: Dinov2Attention reads its input only through them
+        config_class=config_class,
+        block_path="encoder.layer",
+    )
+
+
+DINOV2_FAMILY = _family(
+    "dinov2",
+    "dinov2",
+    Dinov2PreTrainedModel,
+    CompressedDinov2Config,
+    (Dinov2Model, Dinov2ForImageClassification, Dinov2Backbone),
+)
+DINOV2_WITH_REGISTERS_FAMILY = _family(
+    "dinov2_with_registers",
+    "dinov2_with_registers",
+    Dinov2WithRegistersPreTrainedModel,
+    CompressedDinov2WithRegistersConfig,
+    (Dinov2WithRegistersModel, Dinov2WithRegistersForImageClassification, Dinov2WithRegistersBackbone),
+)
+CompressedDinov2Model, CompressedDinov2ForImageClassification, CompressedDinov2Backbone = (
+    DINOV2_FAMILY.compressed_classes.values()
+)
+(
+    CompressedDinov2WithRegistersModel,
+    CompressedDinov2WithRegistersForImageClassification,
+    CompressedDinov2WithRegistersBackbone,
+) = DINOV2_WITH_REGISTERS_FAMILY.compressed_classes.values()

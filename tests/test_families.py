@@ -1,0 +1,153 @@
+"""DINOv2 (``Dinov2Model`` / ``...ForImageClassification`` / ``...Backbone``, with and without registers, GELU and
+SwiGLU MLPs) through all three methods, as the ViT and DeiT classes are tested in test_loading / test_compress.
+
+Each test compresses tiny random models built from configs; LayerScale is random (``tiny_dinov2``) so that a
+method that dropped it or applied it twice would change the outputs checked here.
+"""
+
+import pytest
+import torch
+from transformers import (
+    AutoBackbone,
+    AutoModel,
+    AutoModelForImageClassification,
+    Dinov2Backbone,
+    Dinov2ForImageClassification,
+    Dinov2Model,
+    Dinov2WithRegistersBackbone,
+    Dinov2WithRegistersForImageClassification,
+    Dinov2WithRegistersModel,
+)
+
+from hf_vitcompress import CompressionConfig, PruningError, compress, count_parameters
+from hf_vitcompress.attention import HeadFactorizedAttention
+from hf_vitcompress.calibration.validation import output_of
+from hf_vitcompress.families import family_for
+
+from .conftest import tiny_dinov2
+from .test_loading import check_recorded_outputs, same_weights
+
+# Fixed factorization settings: the self-chosen default is exercised once (test_the_default_chooses_on_dinov2),
+# the rest of the file tests the family, not the selection.
+FIXED = dict(whitening="gram", rank_allocation="global", loss_weighting="none", compensation_rank=0)
+METHODS = {
+    "activation_aware": CompressionConfig(target_param_ratio=0.6, calibration_samples=16, **FIXED),
+    "head_factorization": CompressionConfig(
+        method="head_factorization", target_param_ratio=0.6, calibration_samples=16
+    ),
+    "pruning": CompressionConfig(method="pruning", target_flops_ratio=0.3, skip_blocks=True, calibration_samples=16),
+}
+KEEP_ALL = {
+    "activation_aware": CompressionConfig(target_param_ratio=1.0, calibration_samples=16, **FIXED),
+    "head_factorization": CompressionConfig(
+        method="head_factorization", target_param_ratio=1.0, calibration_samples=16
+    ),
+    "pruning": CompressionConfig(method="pruning", target_flops_ratio=1.0),
+}
+CLASSES = [
+    Dinov2Model,
+    Dinov2ForImageClassification,
+    Dinov2Backbone,
+    Dinov2WithRegistersModel,
+    Dinov2WithRegistersForImageClassification,
+    Dinov2WithRegistersBackbone,
+]
+
+
+def images(n: int = 16, height: int = 16, width: int = 16) -> torch.Tensor:
+    return torch.randn(n, 3, height, width, generator=torch.Generator().manual_seed(1))
+
+
+def features(model, pixels) -> torch.Tensor:
+    """What users of this class consume: logits, last_hidden_state, or a backbone's feature maps."""
+    with torch.no_grad():
+        return output_of(model(pixel_values=pixels))[1]
+
+
+def reload(small, path):
+    """``small`` saved and loaded back through the Auto class a user would use."""
+    small.save_pretrained(path)
+    name = type(small).__name__
+    if name.endswith("Backbone"):
+        # transformers 5.24's AutoBackbone.from_pretrained takes every local folder for a timm model name (a dense
+        # Dinov2Backbone fails the same way), so the class AutoBackbone maps the config to loads the folder.
+        assert type(AutoBackbone.from_config(small.config)) is type(small)
+        return type(small).from_pretrained(path)
+    auto = AutoModelForImageClassification if "ForImageClassification" in name else AutoModel
+    return auto.from_pretrained(path)
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("dense_class", CLASSES, ids=lambda cls: cls.__name__)
+def test_every_class_and_method_compresses_meets_its_budget_and_reloads_bit_exact(tmp_path, dense_class, method):
+    dense = tiny_dinov2(dense_class)
+    config = METHODS[method]
+    small = compress(dense, config, images(), progress=False)
+    family = family_for(dense)
+    assert type(small) is family.compressed_classes[dense_class]
+    assert small.config.model_type == f"vitcompress_{family.base_model_type}"
+    plan = small.compression_plan
+    assert plan.layers and all(name.startswith(family.block_list_name(small)) for name in plan.layers)
+    if method == "pruning":
+        provenance = small.config.compression_provenance
+        assert provenance["macs"] <= config.target_flops_ratio * provenance["dense_macs"]
+    else:
+        assert count_parameters(small) == plan.parameters <= config.target_param_ratio * count_parameters(dense)
+    loaded = reload(small, tmp_path)
+    assert type(loaded) is type(small)
+    assert loaded.compression_plan.to_dict() == plan.to_dict()
+    assert same_weights(loaded, small)
+    pixels = images(3, 24, 32)  # DINOv2 interpolates its position embeddings to any size
+    assert torch.equal(features(loaded, pixels), features(small, pixels))
+
+
+@pytest.mark.parametrize("method", list(KEEP_ALL))
+@pytest.mark.parametrize(
+    "dense_class", [Dinov2WithRegistersForImageClassification, Dinov2Backbone], ids=lambda cls: cls.__name__
+)
+def test_a_budget_that_keeps_everything_keeps_the_dense_function(dense_class, method):
+    """Full rank / every head and neuron: the dense function, LayerScale and registers included, at a size
+    other than the one calibrated on."""
+    dense = tiny_dinov2(dense_class)
+    small = compress(dense, KEEP_ALL[method], images(), progress=False)
+    if method == "head_factorization":  # full-rank heads (activation_aware keeps a linear dense at full rank)
+        assert any(isinstance(module, HeadFactorizedAttention) for module in small.modules())
+    pixels = images(3, 24, 32)
+    torch.testing.assert_close(features(small, pixels), features(dense, pixels), rtol=1e-4, atol=1e-5)
+
+
+def test_layerscale_is_kept_as_it_was():
+    dense = tiny_dinov2(Dinov2Model)
+    small = compress(dense, METHODS["activation_aware"], images(), progress=False)
+    for block, dense_block in zip(small.encoder.layer, dense.encoder.layer, strict=True):
+        assert torch.equal(block.layer_scale1.lambda1, dense_block.layer_scale1.lambda1)
+        assert torch.equal(block.layer_scale2.lambda1, dense_block.layer_scale2.lambda1)
+
+
+def test_the_swiglu_mlp_is_factorized_and_pruning_says_it_does_not_handle_it(tmp_path):
+    dense = tiny_dinov2(Dinov2Model, use_swiglu_ffn=True)
+    for method in ("activation_aware", "head_factorization"):
+        small = compress(dense, METHODS[method], images(), progress=False)
+        planned = {name.rsplit(".", 1)[-1] for name in small.compression_plan.layers}
+        assert {"gate_proj", "up_proj", "down_proj"} <= planned
+        assert torch.equal(features(reload(small, tmp_path / method), images(2)), features(small, images(2)))
+    full = compress(dense, KEEP_ALL["activation_aware"], images(), progress=False)
+    torch.testing.assert_close(features(full, images(3)), features(dense, images(3)), rtol=1e-4, atol=1e-5)
+    with pytest.raises(PruningError, match="SwiGLU.*method='activation_aware'"):
+        compress(dense, METHODS["pruning"], images(), progress=False)
+
+
+@pytest.mark.parametrize("implementation", ["eager", "sdpa"])
+@pytest.mark.parametrize("method", list(METHODS))
+def test_output_attentions_and_hidden_states_come_back_as_for_the_dense_model(method, implementation):
+    dense = tiny_dinov2(Dinov2WithRegistersForImageClassification)
+    small = compress(dense, METHODS[method], images(), progress=False)
+    check_recorded_outputs(small, dense, implementation)
+
+
+def test_the_default_chooses_on_dinov2():
+    """The self-chosen factorization runs on a DINOv2 backbone: the held-out metric is the feature error."""
+    dense = tiny_dinov2(Dinov2Model)
+    small = compress(dense, CompressionConfig(target_param_ratio=0.6, calibration_samples=16), images(), progress=False)
+    selection = small.compression_plan.selection
+    assert selection["metric"] == "relative_squared_feature_error" and len(selection["candidates"]) > 1
