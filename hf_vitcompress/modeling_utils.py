@@ -157,8 +157,29 @@ class CompressedModelMixin:
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> None:
         """Save as transformers does, plus the loader shim that ``auto_map`` points at and, when one was
-        measured on exactly these weights, the evaluation report (which the model card reads)."""
-        super().save_pretrained(save_directory, *args, **kwargs)
+        measured on exactly these weights, the evaluation report (which the model card reads).
+
+        Keys are saved with transformers' renamings (the classic names) but without its converters: DINOv2's
+        concatenates ``gate_proj`` and ``up_proj`` into one ``weights_in`` on save and splits it on load, which
+        takes whatever of the two is dense, so a plan that factorized one and not the other saved a ``weights_in``
+        of the wrong size that came back as two half-sized dense linears (refused by the plan check). A saved
+        compressed checkpoint has no fused key, so the load-side converter finds nothing to split."""
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import PrefixChange, WeightConverter
+
+        conversions = getattr(self, "_weight_conversions", None)
+        if conversions is None:  # built in memory (compress): what transformers would reconstruct for the save
+            conversions = get_model_conversion_mapping(self, add_legacy=False)
+            conversions = [c for c in conversions if not isinstance(c, PrefixChange)]
+        had, kept = "_weight_conversions" in vars(self), vars(self).get("_weight_conversions")
+        self._weight_conversions = [c for c in conversions if not isinstance(c, WeightConverter)]
+        try:
+            super().save_pretrained(save_directory, *args, **kwargs)
+        finally:
+            if had:
+                self._weight_conversions = kept
+            else:
+                del self._weight_conversions
         if kwargs.get("is_main_process", True):
             write_loader_shim(save_directory, self.config)
             report = getattr(self, "evaluation_report", None)

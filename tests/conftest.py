@@ -72,7 +72,8 @@ DINOV2_TINY = dict(
 
 def tiny_dinov2(cls: type, **overrides) -> torch.nn.Module:
     """A tiny DINOv2 of class ``cls`` (model, classifier or backbone, with or without registers) whose LayerScale
-    is random, not the identity, so that a method that dropped or misplaced it would be seen."""
+    and linear biases are random, not the identity and zero, so that a method that dropped or misplaced them
+    would be seen."""
     torch.manual_seed(0)
     name = cls.__name__
     registers = name.startswith("Dinov2WithRegisters")
@@ -87,6 +88,8 @@ def tiny_dinov2(cls: type, **overrides) -> torch.nn.Module:
         for module in model.modules():
             if hasattr(module, "lambda1"):
                 module.lambda1.uniform_(0.2, 1.5)
+            if isinstance(module, torch.nn.Linear) and module.bias is not None:
+                module.bias.normal_(0, 0.1)  # transformers initializes them to 0, where a fold could drop them
     return model
 
 
