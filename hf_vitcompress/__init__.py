@@ -10,6 +10,11 @@ from .calibration.gram import LayerStatistics, NonFiniteActivationError
 from .compress import compress
 from .configuration import CompressionConfig
 from .evaluation import EvaluationReport, evaluate_model
+from .families.clip import (
+    CompressedCLIPVisionConfig,
+    CompressedCLIPVisionModel,
+    CompressedCLIPVisionModelWithProjection,
+)
 from .families.deit import (
     CompressedDeiTConfig,
     CompressedDeiTForImageClassification,
@@ -26,6 +31,7 @@ from .families.dinov2 import (
     CompressedDinov2WithRegistersForImageClassification,
     CompressedDinov2WithRegistersModel,
 )
+from .families.siglip import CompressedSiglipVisionConfig, CompressedSiglipVisionModel
 from .families.vit import CompressedViTConfig, CompressedViTForImageClassification, CompressedViTModel
 from .layers import LowRankLinear, SkippedBlock
 from .methods.pruning.structure import PruningError
@@ -85,6 +91,9 @@ __all__ = [
     "merge_shared_input",
     "search_ranks",
     "CalibrationDataError",
+    "CompressedCLIPVisionConfig",
+    "CompressedCLIPVisionModel",
+    "CompressedCLIPVisionModelWithProjection",
     "CompressedDeiTConfig",
     "CompressedDeiTForImageClassification",
     "CompressedDeiTForImageClassificationWithTeacher",
@@ -97,6 +106,8 @@ __all__ = [
     "CompressedDinov2WithRegistersConfig",
     "CompressedDinov2WithRegistersForImageClassification",
     "CompressedDinov2WithRegistersModel",
+    "CompressedSiglipVisionConfig",
+    "CompressedSiglipVisionModel",
     "CompressedViTConfig",
     "CompressedViTForImageClassification",
     "CompressedViTModel",

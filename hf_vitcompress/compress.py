@@ -176,6 +176,12 @@ def compress(
         raise ValueError("This model is already compressed; compress the original dense model instead.")
     family = family_for(model)
     family.compressed_class_for(model)  # refuses unsupported model classes before any work
+    if config.method not in family.methods:
+        raise ValueError(
+            f"method={config.method!r} does not handle {type(model).__name__} yet: the head methods are written for "
+            "ViT's attention layout (attention.q_proj/k_proj/v_proj/o_proj). Use method="
+            f"{' or '.join(repr(m) for m in family.methods)}."
+        )
     check_weights_in_memory(model)
     target_modules = config.target_modules
     if config.method == "head_factorization":

@@ -13,12 +13,17 @@ from transformers import (
     AutoBackbone,
     AutoModel,
     AutoModelForImageClassification,
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    CLIPVisionModelWithProjection,
     Dinov2Backbone,
     Dinov2ForImageClassification,
     Dinov2Model,
     Dinov2WithRegistersBackbone,
     Dinov2WithRegistersForImageClassification,
     Dinov2WithRegistersModel,
+    SiglipVisionConfig,
+    SiglipVisionModel,
 )
 
 from hf_vitcompress import CompressionConfig, PruningError, compress, count_parameters
@@ -73,10 +78,12 @@ def reload(small, path):
     shared-q/k/v DINOv2 with registers, and 0 once the same weights were copied)."""
     small.save_pretrained(path)
     name = type(small).__name__
-    if name.endswith("Backbone"):
+    if name.endswith(("Backbone", "WithProjection")):
         # transformers 5.24's AutoBackbone.from_pretrained takes every local folder for a timm model name (a dense
-        # Dinov2Backbone fails the same way), so the class AutoBackbone maps the config to loads the folder.
-        assert type(AutoBackbone.from_config(small.config)) is type(small)
+        # Dinov2Backbone fails the same way), and no Auto class maps to CLIPVisionModelWithProjection: the class
+        # loads the folder itself.
+        if name.endswith("Backbone"):
+            assert type(AutoBackbone.from_config(small.config)) is type(small)
         loaded = type(small).from_pretrained(path)
     else:
         auto = AutoModelForImageClassification if "ForImageClassification" in name else AutoModel
@@ -188,3 +195,51 @@ def test_tune_times_a_compressed_backbone_and_its_choice_reloads(tmp_path):
     loaded = reload(small, tmp_path)
     assert isinstance(loaded.encoder.layer[0].mlp.fc1, torch.nn.Linear)
     assert torch.equal(features(loaded, images(4)), features(small, images(4)))
+
+
+# -- CLIP and SigLIP vision towers: activation_aware; the head methods refuse them ----------------------------
+VISION_TOWERS = [CLIPVisionModel, CLIPVisionModelWithProjection, SiglipVisionModel]
+
+
+def tiny_tower(cls: type) -> torch.nn.Module:
+    torch.manual_seed(0)
+    config_class = SiglipVisionConfig if cls is SiglipVisionModel else CLIPVisionConfig
+    sizes = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4)
+    model = cls(config_class(**sizes, image_size=16, patch_size=4)).eval()
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear) and module.bias is not None:
+                module.bias.normal_(0, 0.1)
+    return model
+
+
+@pytest.mark.parametrize("dense_class", VISION_TOWERS, ids=lambda cls: cls.__name__)
+def test_a_vision_tower_is_factorized_meets_its_budget_and_reloads(tmp_path, dense_class):
+    dense = tiny_tower(dense_class)
+    config = METHODS["activation_aware"]
+    small = compress(dense, config, images(), progress=False)
+    family = family_for(dense)
+    assert type(small) is family.compressed_classes[dense_class]
+    assert small.config.model_type == f"vitcompress_{family.base_model_type}"
+    assert {name.rsplit(".", 1)[-1] for name in small.compression_plan.layers} >= {"out_proj", "fc1", "fc2"}
+    assert count_parameters(small) == small.compression_plan.parameters <= 0.6 * count_parameters(dense)
+    loaded = reload(small, tmp_path)
+    assert type(loaded) is type(small) and same_weights(loaded, small)
+    assert torch.equal(features(loaded, images(3)), features(small, images(3)))
+    if dense_class is CLIPVisionModelWithProjection:  # the metric is what retrieval uses
+        assert output_of(small(pixel_values=images(2)))[1].shape == (2, dense.config.projection_dim)
+    keep_all = compress(dense, KEEP_ALL["activation_aware"], images(), progress=False)
+    torch.testing.assert_close(features(keep_all, images(3)), features(dense, images(3)), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("implementation", ["eager", "sdpa"])
+def test_a_vision_tower_records_outputs_as_the_dense_one(implementation):
+    dense = tiny_tower(SiglipVisionModel)
+    small = compress(dense, METHODS["activation_aware"], images(), progress=False)
+    check_recorded_outputs(small, dense, implementation)
+
+
+@pytest.mark.parametrize("method", ["head_factorization", "pruning"])
+def test_the_head_methods_refuse_a_vision_tower_and_say_what_works(method):
+    with pytest.raises(ValueError, match=f"method='{method}' does not handle CLIPVisionModel yet.*'activation_aware'"):
+        compress(tiny_tower(CLIPVisionModel), METHODS[method], images(), progress=False)

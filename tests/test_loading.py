@@ -159,7 +159,9 @@ def check_recorded_outputs(small, dense, implementation: str) -> None:
     if implementation == "sdpa":  # SDPA computes no attention weights: the dense model returns none either
         assert got.attentions == want.attentions == ()
         return
-    attentions = [block.attention for block in blocks if not isinstance(block, SkippedBlock)]
+    attentions = [  # ViT/DeiT/DINOv2 name it attention, CLIP/SigLIP self_attn
+        getattr(block, "attention", None) or block.self_attn for block in blocks if not isinstance(block, SkippedBlock)
+    ]
     assert len(got.attentions) == len(attentions) and len(want.attentions) == layers
     tokens = want.attentions[0].shape[-1]
     for recorded, truth, attention in zip(got.attentions, attention_outputs_by_hook(small, pixels), attentions):

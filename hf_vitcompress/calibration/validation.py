@@ -93,14 +93,18 @@ def forward_batch(model: nn.Module, batch: Batch) -> Any:
 
 
 def output_of(output: Any) -> tuple[str, torch.Tensor]:
-    """``("logits", tensor)`` for a classifier's output, else ``("hidden", features)``: ``last_hidden_state``, or
-    for a backbone (``Dinov2Backbone``) its ``feature_maps``, each flattened per image and concatenated, so that
-    the error is measured on exactly what the backbone hands to its detection or segmentation head."""
+    """``("logits", tensor)`` for a classifier's output, else ``("hidden", features)``: ``last_hidden_state``; for
+    ``CLIPVisionModelWithProjection`` its ``image_embeds``; for a backbone (``Dinov2Backbone``) its
+    ``feature_maps``, each flattened per image and concatenated: the error is measured on what the model's
+    users consume (a retrieval index, a detection or segmentation head)."""
     logits = getattr(output, "logits", None)
     if logits is None and isinstance(output, dict):
         logits = output.get("logits")
     if logits is not None:
         return "logits", logits
+    image_embeds = getattr(output, "image_embeds", None)  # CLIP's ...WithProjection: the retrieval embedding
+    if image_embeds is not None:
+        return "hidden", image_embeds
     feature_maps = getattr(output, "feature_maps", None)
     if feature_maps is not None:
         return "hidden", torch.cat([feature_map.flatten(1) for feature_map in feature_maps], dim=1)

@@ -35,6 +35,8 @@ class FamilyAdapter:
     block_path: str = "layers"
     # An exact rewrite of the (copied) dense model before any method sees it, or None: DINOv2 folds LayerScale.
     prepare: Callable[[nn.Module], None] | None = None
+    # The compression methods that handle this family's blocks (the head methods need ViT's attention layout).
+    methods: tuple[str, ...] = ("activation_aware", "head_factorization", "pruning")
 
     @property
     def roles(self) -> tuple[str, ...]:
