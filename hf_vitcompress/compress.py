@@ -247,9 +247,6 @@ def compress(
     try:
         # float16 on the CPU: compute on a float32 copy (see compute_dtype); the user's model is untouched
         dense = model if working_dtype == dtype else copy.deepcopy(model).to(working_dtype)
-        if family.prepare is not None:  # an exact rewrite the methods handle better (DINOv2's LayerScale folded)
-            dense = copy.deepcopy(model) if dense is model else dense
-            family.prepare(dense)
         if config.method == "pruning":  # its export copies the model itself
             image_size = image_sizes[0] if image_sizes else None
             structure, state = plan_pruning(dense, config, batches, processes, image_size=image_size)

@@ -29,7 +29,9 @@ from .shared_input import SharedInputMixin, merge_shared_input
 
 
 def _is_attention(module: nn.Module) -> bool:
-    return all(hasattr(module, name) for name in ("q_proj", "k_proj", "v_proj", "o_proj"))
+    """A transformers self-attention: q/k/v projections and an output one (``o_proj``; CLIP/SigLIP ``out_proj``)."""
+    has_output = hasattr(module, "o_proj") or hasattr(module, "out_proj")
+    return has_output and all(hasattr(module, name) for name in ("q_proj", "k_proj", "v_proj"))
 
 
 @torch.no_grad()
@@ -52,13 +54,23 @@ def count_macs(model: nn.Module, pixel_values: torch.Tensor, attn_implementation
         kernel = module.in_channels // module.groups * module.kernel_size[0] * module.kernel_size[1]
         total += output.numel() * kernel
 
-    def attention_hook(module: nn.Module, args: tuple, _output: Any) -> None:
+    def attention_hook(module: nn.Module, args: tuple, kwargs: dict, _output: Any) -> None:
         nonlocal total
-        batch, tokens = args[0].shape[0], args[0].shape[1]
+        hidden = args[0] if args else kwargs["hidden_states"]  # CLIP's layers pass it by keyword
+        batch, tokens = hidden.shape[0], hidden.shape[1]
         if isinstance(module, HeadFactorizedAttention):  # what really runs: the zero-padded per-head widths
             total += batch * tokens * tokens * module.attention_matmul_width(attn_implementation)
         else:
             total += batch * tokens * tokens * (module.q_proj.out_features + module.v_proj.out_features)
+
+    def multihead_hook(module: nn.MultiheadAttention, args: tuple, kwargs: dict, _output: Any) -> None:
+        nonlocal total
+        query, key = (args[i] if len(args) > i else kwargs[name] for i, name in ((0, "query"), (1, "key")))
+        if not module.batch_first:
+            query, key = query.transpose(0, 1), key.transpose(0, 1)
+        batch, queries, keys, width = query.shape[0], query.shape[1], key.shape[1], module.embed_dim
+        # q and output projections per query, k and v per key, scores and the weighted sum per pair
+        total += batch * ((2 * queries + 2 * keys) * width * width + 2 * queries * keys * width)
 
     handles = []
     for module in model.modules():
@@ -67,7 +79,9 @@ def count_macs(model: nn.Module, pixel_values: torch.Tensor, attn_implementation
         elif isinstance(module, nn.Conv2d):
             handles.append(module.register_forward_hook(conv_hook))
         elif _is_attention(module) or isinstance(module, HeadFactorizedAttention):
-            handles.append(module.register_forward_hook(attention_hook))
+            handles.append(module.register_forward_hook(attention_hook, with_kwargs=True))
+        elif isinstance(module, nn.MultiheadAttention):  # SigLIP's pooling head: projections run as F.linear
+            handles.append(module.register_forward_hook(multihead_hook, with_kwargs=True))
     try:
         model(pixel_values=pixel_values)
     finally:

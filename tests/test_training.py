@@ -546,9 +546,8 @@ def test_a_backbone_is_distilled_on_its_features(tmp_path, pixels, backbone):
     before = feature_error()
     with pytest.raises(ValueError, match="no logits.*alpha=1.0"):
         DistillationTrainer(model=student, teacher=teacher, args=make_args(tmp_path), train_dataset=data).train()
-    args = make_args(
-        tmp_path, alpha=1.0, max_steps=40, learning_rate=3e-3 if backbone == "ViTModel" else 3e-4
-    )  # the folded tiny DINOv2 starts close: 3e-3 overshoots it
+    # 3e-3 overshoots the tiny DINOv2 (random LayerScale and biases), which starts closer to its teacher
+    args = make_args(tmp_path, alpha=1.0, max_steps=40, learning_rate=3e-3 if backbone == "ViTModel" else 3e-4)
     trainer = DistillationTrainer(model=student, teacher=teacher, args=args, train_dataset=data)
     trainer.train()
     assert feature_error() < 0.8 * before

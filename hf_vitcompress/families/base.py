@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from torch import nn
@@ -16,8 +15,7 @@ class FamilyAdapter:
     group read the same input (q/k/v), so sequential calibration handles them together.
     Paths in ``linear_groups`` that a block does not have are skipped, so one adapter can list the
     variants of a family (DINOv2's GELU MLP ``fc1``/``fc2`` and its SwiGLU ``gate_proj``/``up_proj``/``down_proj``).
-    ``prepare`` rewrites a copy of the dense model into an equal function that the methods handle better
-    (DINOv2: LayerScale folded into the linear before it, see :mod:`.dinov2`). ``block_path`` is where the ``ModuleList`` of blocks lives in the bare model (``layers`` for ViT,
+    ``block_path`` is where the ``ModuleList`` of blocks lives in the bare model (``layers`` for ViT,
     ``encoder.layer`` for DINOv2); a task model holds the bare one at ``backbone_attr``.
     ``shared_input_groups`` are the indices of groups that are *all* the input projections of their
     parent module, whose ``forward`` reads its input only through them and its leading shape (ViT's
@@ -33,8 +31,6 @@ class FamilyAdapter:
     config_class: type | None = None
     shared_input_groups: tuple[int, ...] = ()
     block_path: str = "layers"
-    # An exact rewrite of the (copied) dense model before any method sees it, or None: DINOv2 folds LayerScale.
-    prepare: Callable[[nn.Module], None] | None = None
     # The compression methods that handle this family's blocks (the head methods need ViT's attention layout).
     methods: tuple[str, ...] = ("activation_aware", "head_factorization", "pruning")
 
