@@ -40,6 +40,32 @@ def head_factorized_parameter_count(
     return 2 * qk * hidden_size + qk * qk_bias + 2 * vo * hidden_size + hidden_size * out_bias
 
 
+OUTPUT_PROJECTION_NAMES = ("o_proj", "out_proj")  # ViT/DeiT/DINOv2, CLIP/SigLIP
+
+
+def attention_heads(attention: nn.Module) -> int:
+    """A dense self-attention's head count: ``num_attention_heads`` (ViT, DINOv2), ``num_heads`` (CLIP, SigLIP),
+    else its config's."""
+    for name in ("num_attention_heads", "num_heads"):
+        if getattr(attention, name, None) is not None:
+            return int(getattr(attention, name))
+    return int(attention.config.num_attention_heads)
+
+
+def attention_projection_names(attention: nn.Module) -> tuple[str, str, str, str]:
+    """The names of a dense self-attention's query, key, value and output linears: ``q_proj``, ``k_proj``,
+    ``v_proj`` and ``o_proj`` (ViT, DeiT, DINOv2) or ``out_proj`` (CLIP, SigLIP); ``ValueError`` otherwise."""
+    output = next(
+        (name for name in OUTPUT_PROJECTION_NAMES if isinstance(getattr(attention, name, None), nn.Linear)), None
+    )
+    names = ("q_proj", "k_proj", "v_proj", output)
+    if output is None or not all(isinstance(getattr(attention, name, None), nn.Linear) for name in names[:3]):
+        raise ValueError(
+            f"{type(attention).__name__} is not a q_proj/k_proj/v_proj + o_proj (or out_proj) self-attention."
+        )
+    return names
+
+
 class HeadFactorizedAttention(nn.Module):
     """Drop-in for a ViT-style attention module (``forward(hidden_states, attention_mask) -> (out, weights)``).
 
@@ -73,7 +99,10 @@ class HeadFactorizedAttention(nn.Module):
         self.hidden_size, self.head_dim = hidden_size, head_dim
         self.scaling = head_dim**-0.5  # the original scale: the factors reproduce the original scores
         self.is_causal = False
-        self.attention_dropout = float(getattr(config, "attention_probs_dropout_prob", 0.0) or 0.0)
+        dropout = getattr(config, "attention_probs_dropout_prob", None)  # ViT's name; CLIP/SigLIP's below
+        self.attention_dropout = float(
+            (getattr(config, "attention_dropout", 0.0) if dropout is None else dropout) or 0.0
+        )
         active = [h for h, v in enumerate(vo_ranks) if v > 0]
         self.qk_ranks = [int(qk_ranks[h]) for h in active]
         self.vo_ranks = [int(vo_ranks[h]) for h in active]

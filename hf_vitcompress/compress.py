@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
+from .attention import OUTPUT_PROJECTION_NAMES, attention_projection_names
 from .calibration.data import CalibrationDataError, interpolated_positions, iter_calibration_batches, patch_size_of
 from .calibration.distributed import CalibrationProcesses
 from .configuration import CompressionConfig
@@ -64,12 +65,13 @@ def resolve_targets(
     return block_groups, [name for name in extra if name not in block_names]
 
 
-def _head_factorization_targets(target_modules: list[str] | None) -> list[str] | None:
+def _head_factorization_targets(target_modules: list[str] | None, family: FamilyAdapter) -> list[str] | None:
     """``attention`` selects whole attention modules (all four projections); single projections cannot be
     head-factorized on their own."""
     if target_modules is None:
         return None
-    partial = sorted(set(target_modules) & set(ATTENTION_PROJECTIONS))
+    projections = [role for role in family.roles if role in ATTENTION_PROJECTIONS + OUTPUT_PROJECTION_NAMES]
+    partial = sorted(set(target_modules) & set(projections))
     if partial:
         raise ValueError(
             f"method='head_factorization' factorizes whole attention modules, not {partial}: use 'attention' "
@@ -77,7 +79,7 @@ def _head_factorization_targets(target_modules: list[str] | None) -> list[str] |
         )
     expanded = []
     for entry in target_modules:
-        expanded.extend(ATTENTION_PROJECTIONS if entry == "attention" else [entry])
+        expanded.extend(projections if entry == "attention" else [entry])
     return expanded
 
 
@@ -178,14 +180,14 @@ def compress(
     family.compressed_class_for(model)  # refuses unsupported model classes before any work
     if config.method not in family.methods:
         raise ValueError(
-            f"method={config.method!r} does not handle {type(model).__name__} yet: the head methods are written for "
-            "ViT's attention layout (attention.q_proj/k_proj/v_proj/o_proj). Use method="
+            f"method={config.method!r} does not handle {type(model).__name__} yet: structured pruning is written for "
+            "ViT's block layout (attention.{q,k,v,o}_proj, mlp.fc1/fc2). Use method="
             f"{' or '.join(repr(m) for m in family.methods)}."
         )
     check_weights_in_memory(model)
     target_modules = config.target_modules
     if config.method == "head_factorization":
-        target_modules = _head_factorization_targets(target_modules)
+        target_modules = _head_factorization_targets(target_modules, family)
     if config.method == "pruning" and target_modules is not None:
         raise ValueError(
             "method='pruning' prunes every encoder block (heads, value dims, MLP neurons, blocks); target_modules "
@@ -262,7 +264,9 @@ def compress(
             if config.method == "head_factorization":
                 linears = [name for block in block_groups for group in block for name in group] + extra
                 attention_names = [name.rsplit(".", 1)[0] for name in linears if name.endswith(".q_proj")]
-                projections = {f"{a}.{p}" for a in attention_names for p in ATTENTION_PROJECTIONS}
+                projections = {
+                    f"{a}.{p}" for a in attention_names for p in attention_projection_names(working.get_submodule(a))
+                }
                 others = [name for name in linears if name not in projections]
                 plan, report = compress_head_factorization(
                     working, attention_names, others, config, batches, progress, processes

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .attention import HeadFactorizedAttention
+from .attention import OUTPUT_PROJECTION_NAMES, HeadFactorizedAttention
 from .layers import LowRankLinear
 from .metrics.functional import topk_accuracy
 from .plan import count_parameters, set_submodule
@@ -30,7 +30,7 @@ from .shared_input import SharedInputMixin, merge_shared_input
 
 def _is_attention(module: nn.Module) -> bool:
     """A transformers self-attention: q/k/v projections and an output one (``o_proj``; CLIP/SigLIP ``out_proj``)."""
-    has_output = hasattr(module, "o_proj") or hasattr(module, "out_proj")
+    has_output = any(hasattr(module, name) for name in OUTPUT_PROJECTION_NAMES)
     return has_output and all(hasattr(module, name) for name in ("q_proj", "k_proj", "v_proj"))
 
 

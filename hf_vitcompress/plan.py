@@ -12,7 +12,12 @@ from typing import Any
 
 from torch import nn
 
-from .attention import HeadFactorizedAttention, head_factorized_parameter_count
+from .attention import (
+    HeadFactorizedAttention,
+    attention_heads,
+    attention_projection_names,
+    head_factorized_parameter_count,
+)
 from .layers import IMPLEMENTATIONS, LowRankLinear, SkippedBlock, low_rank_parameter_count
 from .shared_input import projection_shape, share_input, shareable_projections
 
@@ -194,13 +199,14 @@ def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def _head_factorized_for(name: str, current: nn.Module, layer: LayerPlan) -> HeadFactorizedAttention:
-    projections = [getattr(current, attr, None) for attr in ("q_proj", "k_proj", "v_proj", "o_proj")]
-    if not all(isinstance(p, nn.Linear) for p in projections):
+    try:
+        projections = [getattr(current, attr) for attr in attention_projection_names(current)]
+    except ValueError:
         raise PlanMismatchError(
             f"The compression plan factorizes the heads of {name!r}, a {type(current).__name__} without "
-            "q_proj/k_proj/v_proj/o_proj linears."
-        )
-    heads, head_dim = getattr(current, "num_attention_heads", None), getattr(current, "head_dim", None)
+            "q_proj/k_proj/v_proj/o_proj (or out_proj) linears."
+        ) from None
+    heads, head_dim = attention_heads(current), getattr(current, "head_dim", None)
     if (projections[0].in_features, heads, head_dim) != (layer.in_features, len(layer.qk_ranks), layer.head_dim):
         raise PlanMismatchError(
             f"The compression plan expects {name!r} to have width {layer.in_features} and {len(layer.qk_ranks)} heads "

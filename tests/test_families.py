@@ -192,7 +192,7 @@ def test_tune_times_a_compressed_backbone_and_its_choice_reloads(tmp_path):
     assert torch.equal(features(loaded, images(4)), features(small, images(4)))
 
 
-# -- CLIP and SigLIP vision towers: activation_aware; the head methods refuse them ----------------------------
+# -- CLIP and SigLIP vision towers: activation_aware and head_factorization; pruning refuses them ------------
 VISION_TOWERS = [CLIPVisionModel, CLIPVisionModelWithProjection, SiglipVisionModel]
 
 
@@ -208,36 +208,41 @@ def tiny_tower(cls: type) -> torch.nn.Module:
     return model
 
 
+@pytest.mark.parametrize("method", ["activation_aware", "head_factorization"])
 @pytest.mark.parametrize("dense_class", VISION_TOWERS, ids=lambda cls: cls.__name__)
-def test_a_vision_tower_is_factorized_meets_its_budget_and_reloads(tmp_path, dense_class):
+def test_a_vision_tower_is_factorized_meets_its_budget_and_reloads(tmp_path, dense_class, method):
     dense = tiny_tower(dense_class)
-    config = METHODS["activation_aware"]
+    config = METHODS[method]
     small = compress(dense, config, images(), progress=False)
     family = family_for(dense)
     assert type(small) is family.compressed_classes[dense_class]
     assert small.config.model_type == f"vitcompress_{family.base_model_type}"
-    assert {name.rsplit(".", 1)[-1] for name in small.compression_plan.layers} >= {"out_proj", "fc1", "fc2"}
+    planned = {name.rsplit(".", 1)[-1]: layer.kind for name, layer in small.compression_plan.layers.items()}
+    if method == "activation_aware":
+        assert {"out_proj", "fc1", "fc2"} <= set(planned)
+    else:  # self_attn with its out_proj becomes one head-factorized attention
+        assert planned["self_attn"] == "head_factorized" and "out_proj" not in planned
     assert count_parameters(small) == small.compression_plan.parameters <= 0.6 * count_parameters(dense)
     loaded = reload(small, tmp_path)
     assert type(loaded) is type(small) and same_weights(loaded, small)
     assert torch.equal(features(loaded, images(3)), features(small, images(3)))
     if dense_class is CLIPVisionModelWithProjection:  # the metric is what retrieval uses
         assert output_of(small(pixel_values=images(2)))[1].shape == (2, dense.config.projection_dim)
-    keep_all = compress(dense, KEEP_ALL["activation_aware"], images(), progress=False)
+    keep_all = compress(dense, KEEP_ALL[method], images(), progress=False)  # full rank: the dense function
     torch.testing.assert_close(features(keep_all, images(3)), features(dense, images(3)), rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("implementation", ["eager", "sdpa"])
-def test_a_vision_tower_records_outputs_as_the_dense_one(implementation):
+@pytest.mark.parametrize("method", ["activation_aware", "head_factorization"])
+def test_a_vision_tower_records_outputs_as_the_dense_one(method, implementation):
     dense = tiny_tower(SiglipVisionModel)
-    small = compress(dense, METHODS["activation_aware"], images(), progress=False)
+    small = compress(dense, METHODS[method], images(), progress=False)
     check_recorded_outputs(small, dense, implementation)
 
 
-@pytest.mark.parametrize("method", ["head_factorization", "pruning"])
-def test_the_head_methods_refuse_a_vision_tower_and_say_what_works(method):
-    with pytest.raises(ValueError, match=f"method='{method}' does not handle CLIPVisionModel yet.*'activation_aware'"):
-        compress(tiny_tower(CLIPVisionModel), METHODS[method], images(), progress=False)
+def test_pruning_refuses_a_vision_tower_and_says_what_works():
+    with pytest.raises(ValueError, match="method='pruning' does not handle CLIPVisionModel yet.*'head_factorization'"):
+        compress(tiny_tower(CLIPVisionModel), METHODS["pruning"], images(), progress=False)
 
 
 @pytest.mark.parametrize("dense_class", [CLIPVisionModel, SiglipVisionModel], ids=lambda cls: cls.__name__)

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..attention import attention_heads
 from .distributed import CalibrationProcesses
 
 
@@ -36,14 +37,9 @@ class HeadMixingStatistics:
         return self.grams[head] / max(self.tokens, 1)
 
 
-def _heads_of(attention: nn.Module) -> int:
-    heads = getattr(attention, "num_attention_heads", None)
-    return heads if heads is not None else attention.config.num_attention_heads
-
-
 @torch.no_grad()
 def _update(attention: nn.Module, into: HeadMixingStatistics, hidden: torch.Tensor, mask: torch.Tensor | None) -> None:
-    heads, head_dim = _heads_of(attention), attention.head_dim
+    heads, head_dim = attention_heads(attention), attention.head_dim
     batch, tokens, width = hidden.shape
     scaling = getattr(attention, "scaling", head_dim**-0.5)
     query = attention.q_proj(hidden).float().view(batch, tokens, heads, head_dim).transpose(1, 2)
@@ -69,7 +65,7 @@ def record_head_mixing(model: nn.Module, attention_names: Iterable[str], statist
             statistics.setdefault(
                 name,
                 HeadMixingStatistics(
-                    torch.zeros(_heads_of(attention), width, width, dtype=torch.float64, device=device)
+                    torch.zeros(attention_heads(attention), width, width, dtype=torch.float64, device=device)
                 ),
             )
 

@@ -1,9 +1,10 @@
 """CLIP vision family: ``CLIPVisionModel`` / ``CLIPVisionModelWithProjection`` (transformers 5.x names).
 
-Blocks live at ``encoder.layers`` (``vision_model.encoder.layers`` in ``...WithProjection``); each block has ``self_attn.{q,k,v,out}_proj`` and
-``mlp.fc1`` / ``mlp.fc2`` (quick-GELU), between pre-LayerNorms. ``activation_aware`` only for now: the head
-methods (``head_factorization``, ``pruning``) are written for ViT's ``attention.o_proj`` block layout and refuse
-this family with a clear error (``FamilyAdapter.methods``). The vision tower inside a full ``CLIPModel`` is not
+Blocks live at ``encoder.layers`` (``vision_model.encoder.layers`` in ``...WithProjection``); each block has
+``self_attn.{q,k,v,out}_proj`` and ``mlp.fc1`` / ``mlp.fc2`` (quick-GELU), between pre-LayerNorms.
+``activation_aware`` and ``head_factorization`` handle it (the ``self_attn`` with its ``out_proj`` becomes a
+head-factorized attention); ``pruning`` is written for ViT's ``attention`` / ``mlp`` block layout and refuses this
+family with a clear error (``FamilyAdapter.methods``). The vision tower inside a full ``CLIPModel`` is not
 handled yet (its forward needs text inputs too): compress a ``CLIPVisionModel`` loaded from the same checkpoint.
 The projection of ``...WithProjection`` (``visual_projection``) stays dense.
 """
@@ -23,7 +24,7 @@ SELF_ATTENTION_BLOCK_LINEARS = (
     ("mlp.fc1",),
     ("mlp.fc2",),
 )
-FACTORIZATION_ONLY = ("activation_aware",)
+FACTORIZATION_ONLY = ("activation_aware", "head_factorization")  # pruning needs ViT's attention/mlp names
 
 
 @strict

@@ -1,7 +1,7 @@
 """SigLIP vision family: ``SiglipVisionModel`` (transformers 5.x names).
 
 The same encoder layer as CLIP's (``encoder.layers.N.self_attn.{q,k,v,out}_proj``, ``mlp.fc1/fc2``,
-tanh-GELU), ``activation_aware`` only for now (see :mod:`.clip`). The attention-pooling head
+tanh-GELU), ``activation_aware`` and ``head_factorization``, not ``pruning`` (see :mod:`.clip`). The attention-pooling head
 (``head``: an ``nn.MultiheadAttention`` and an MLP) stays dense: its ``nn.MultiheadAttention`` packs
 q/k/v in one ``in_proj_weight``, which no method here factorizes; ``target_modules`` may still name
 ``head.mlp.fc1`` / ``fc2``. SigLIP 2 (NaFlex inputs with ``spatial_shapes``) is not handled.

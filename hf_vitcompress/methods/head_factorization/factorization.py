@@ -84,13 +84,11 @@ def factorize_attention(
     (unweighted) SVDs of the products. ``mixing``: the heads' mixed-token Grams, the exact metric of the
     value·output products (without it they are whitened with the Gram of the input).
     """
-    heads = (
-        attention.num_attention_heads
-        if hasattr(attention, "num_attention_heads")
-        else attention.config.num_attention_heads
-    )
-    head_dim = attention.head_dim
-    q, k, v, o = (attention.get_submodule(name) for name in ("q_proj", "k_proj", "v_proj", "o_proj"))
+    from ...attention import attention_heads, attention_projection_names
+
+    heads, head_dim = attention_heads(attention), attention.head_dim
+
+    q, k, v, o = (attention.get_submodule(name) for name in attention_projection_names(attention))
     w_q, w_k, w_v, w_o = (m.weight.detach().to(torch.float64) for m in (q, k, v, o))
     hidden = w_q.shape[1]
     qk_bias = q.bias is not None
