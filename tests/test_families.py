@@ -93,15 +93,19 @@ def reload(small, path):
     return loaded
 
 
+def compressed_as_its_family(dense, config):
+    """``dense`` compressed, checked to be its family's compressed class with the family's own ``model_type``."""
+    small, family = compress(dense, config, images(), progress=False), family_for(dense)
+    assert type(small) is family.compressed_classes[type(dense)]
+    assert small.config.model_type == f"vitcompress_{family.base_model_type}"
+    return small, family
+
+
 @pytest.mark.parametrize("method", list(METHODS))
 @pytest.mark.parametrize("dense_class", CLASSES, ids=lambda cls: cls.__name__)
 def test_every_class_and_method_compresses_meets_its_budget_and_reloads_bit_exact(tmp_path, dense_class, method):
-    dense = tiny_dinov2(dense_class)
-    config = METHODS[method]
-    small = compress(dense, config, images(), progress=False)
-    family = family_for(dense)
-    assert type(small) is family.compressed_classes[dense_class]
-    assert small.config.model_type == f"vitcompress_{family.base_model_type}"
+    dense, config = tiny_dinov2(dense_class), METHODS[method]
+    small, family = compressed_as_its_family(dense, config)
     plan = small.compression_plan
     assert plan.layers and all(name.startswith(family.block_list_name(small)) for name in plan.layers)
     if method == "pruning":
@@ -211,12 +215,8 @@ def tiny_tower(cls: type) -> torch.nn.Module:
 @pytest.mark.parametrize("method", ["activation_aware", "head_factorization"])
 @pytest.mark.parametrize("dense_class", VISION_TOWERS, ids=lambda cls: cls.__name__)
 def test_a_vision_tower_is_factorized_meets_its_budget_and_reloads(tmp_path, dense_class, method):
-    dense = tiny_tower(dense_class)
-    config = METHODS[method]
-    small = compress(dense, config, images(), progress=False)
-    family = family_for(dense)
-    assert type(small) is family.compressed_classes[dense_class]
-    assert small.config.model_type == f"vitcompress_{family.base_model_type}"
+    dense, config = tiny_tower(dense_class), METHODS[method]
+    small, _ = compressed_as_its_family(dense, config)
     planned = {name.rsplit(".", 1)[-1]: layer.kind for name, layer in small.compression_plan.layers.items()}
     if method == "activation_aware":
         assert {"out_proj", "fc1", "fc2"} <= set(planned)
