@@ -31,7 +31,7 @@ class FamilyAdapter:
     config_class: type | None = None
     shared_input_groups: tuple[int, ...] = ()
     block_path: str = "layers"
-    # The compression methods that handle this family's blocks (the head methods need ViT's attention layout).
+    # The compression methods that handle this family's blocks (pruning needs ViT's attention / mlp names).
     methods: tuple[str, ...] = ("activation_aware", "head_factorization", "pruning")
 
     @property
