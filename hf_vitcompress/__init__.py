@@ -10,6 +10,7 @@ from .calibration.gram import LayerStatistics, NonFiniteActivationError
 from .compress import compress
 from .configuration import CompressionConfig
 from .evaluation import EvaluationReport, evaluate_model
+from .families.beit import CompressedBeitConfig, CompressedBeitForImageClassification, CompressedBeitModel
 from .families.clip import (
     CompressedCLIPVisionConfig,
     CompressedCLIPVisionModel,
@@ -91,6 +92,9 @@ __all__ = [
     "merge_shared_input",
     "search_ranks",
     "CalibrationDataError",
+    "CompressedBeitConfig",
+    "CompressedBeitForImageClassification",
+    "CompressedBeitModel",
     "CompressedCLIPVisionConfig",
     "CompressedCLIPVisionModel",
     "CompressedCLIPVisionModelWithProjection",

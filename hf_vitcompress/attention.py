@@ -104,6 +104,9 @@ class HeadFactorizedAttention(nn.Module):
             (getattr(config, "attention_dropout", 0.0) if dropout is None else dropout) or 0.0
         )
         active = [h for h, v in enumerate(vo_ranks) if v > 0]
+        # A per-head additive mask (BEiT's relative position bias arrives as attention_mask) has a row for every
+        # head of the dense attention: the heads kept here read theirs (see forward).
+        self.source_heads, self.active_heads = len(vo_ranks), active
         self.qk_ranks = [int(qk_ranks[h]) for h in active]
         self.vo_ranks = [int(vo_ranks[h]) for h in active]
         self.num_heads = len(active)
@@ -150,6 +153,12 @@ class HeadFactorizedAttention(nn.Module):
         query = self._to_heads(self.qk_left(hidden_states), self.qk_ranks, self.qk_width, qk_index)
         key = self._to_heads(self.qk_right(hidden_states), self.qk_ranks, self.qk_width, qk_index)
         value = self._to_heads(self.vo_down(hidden_states), self.vo_ranks, self.vo_width, vo_index)
+        if (
+            attention_mask is not None
+            and attention_mask.dim() == 4
+            and attention_mask.shape[1] == self.source_heads != self.num_heads
+        ):
+            attention_mask = attention_mask[:, self.active_heads]
         implementation = self._implementation()
         attention: Callable = _eager_attention if implementation == "eager" else ALL_ATTENTION_FUNCTIONS[implementation]
         if implementation != "eager" and self.qk_width != self.vo_width:

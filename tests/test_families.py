@@ -13,6 +13,9 @@ from transformers import (
     AutoBackbone,
     AutoModel,
     AutoModelForImageClassification,
+    BeitConfig,
+    BeitForImageClassification,
+    BeitModel,
     CLIPVisionConfig,
     CLIPVisionModel,
     CLIPVisionModelWithProjection,
@@ -258,3 +261,64 @@ def test_the_macs_of_a_vision_tower_match_a_hand_count(dense_class):
     if dense_class is SiglipVisionModel:  # one probe query attends over every token, then its MLP
         expected += (2 + 2 * tokens) * d * d + 2 * tokens * d + 2 * d * mlp
     assert count_macs(tiny_tower(dense_class), images(2)) == expected
+
+
+# -- BEiT: ViT's block layout, LayerScale, and a relative position bias added through attention_mask -----------
+def tiny_beit(cls: type, **overrides) -> torch.nn.Module:
+    """A tiny BEiT whose relative position bias tables, LayerScale and biases are random (transformers starts
+    the tables at zero, where a misplaced bias row would not be seen)."""
+    torch.manual_seed(0)
+    sizes = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_labels=5)
+    config = BeitConfig(**sizes, image_size=16, patch_size=4, use_relative_position_bias=True, **overrides)
+    model = cls(config).eval()
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "relative_position_bias_table" in name or "lambda_" in name:
+                parameter.normal_(0, 0.5)
+            elif name.endswith(".bias"):
+                parameter.normal_(0, 0.1)
+    return model
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("dense_class", [BeitModel, BeitForImageClassification], ids=lambda cls: cls.__name__)
+def test_beit_compresses_with_every_method_and_reloads(tmp_path, dense_class, method):
+    dense, config = tiny_beit(dense_class), METHODS[method]
+    small, _ = compressed_as_its_family(dense, config)
+    if method == "pruning":
+        provenance = small.config.compression_provenance
+        assert provenance["macs"] <= config.target_flops_ratio * provenance["dense_macs"]
+    else:
+        assert count_parameters(small) <= config.target_param_ratio * count_parameters(dense)
+    loaded = reload(small, tmp_path)
+    assert type(loaded) is type(small) and same_weights(loaded, small)
+    assert torch.equal(features(loaded, images(3)), features(small, images(3)))
+    keep_all = compress(dense, KEEP_ALL[method], images(), progress=False)
+    torch.testing.assert_close(features(keep_all, images(3)), features(dense, images(3)), rtol=1e-4, atol=1e-5)
+
+
+def test_a_head_factorized_attention_keeps_the_position_bias_rows_of_the_heads_it_keeps():
+    """BEiT passes its per-head relative position bias as attention_mask; an attention that dropped a head
+    (pruning, or value/output rank 0) must add each kept head's own row, not the first rows."""
+    from hf_vitcompress.methods.head_factorization.factorization import build_head_factorized, factorize_attention
+
+    attention = tiny_beit(BeitModel).layers[0].attention
+    dead = slice(12, 24)  # head 1 contributes nothing: its value rows and output columns are zero
+    with torch.no_grad():
+        attention.v_proj.weight[dead] = 0
+        attention.v_proj.bias[dead] = 0
+        attention.o_proj.weight[:, dead] = 0
+    module = build_head_factorized(attention, factorize_attention(attention, None), [12, 0, 12, 12], [12, 0, 12, 12])
+    assert module.num_heads == 3
+    hidden = torch.randn(2, 17, 48, generator=torch.Generator().manual_seed(3))
+    bias = torch.randn(1, 4, 17, 17, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        torch.testing.assert_close(
+            module(hidden, attention_mask=bias)[0], attention(hidden, attention_mask=bias)[0], rtol=1e-4, atol=1e-5
+        )
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_beit_records_outputs_as_the_dense_one(method):
+    dense = tiny_beit(BeitForImageClassification)
+    check_recorded_outputs(compress(dense, METHODS[method], images(), progress=False), dense, "eager")

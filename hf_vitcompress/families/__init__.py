@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from .base import FamilyAdapter
+from .beit import BEIT_FAMILY
 from .clip import CLIP_VISION_FAMILY
 from .deit import DEIT_FAMILY
 from .dinov2 import DINOV2_FAMILY, DINOV2_WITH_REGISTERS_FAMILY
@@ -18,6 +19,7 @@ FAMILIES: tuple[FamilyAdapter, ...] = (
     DINOV2_WITH_REGISTERS_FAMILY,
     CLIP_VISION_FAMILY,
     SIGLIP_VISION_FAMILY,
+    BEIT_FAMILY,
 )
 
 
@@ -29,7 +31,7 @@ def family_for(model: nn.Module) -> FamilyAdapter:
     names = ", ".join(cls.__name__ for family in FAMILIES for cls in family.compressed_classes)
     raise TypeError(
         f"hf_vitcompress has no adapter for {type(model).__name__}. Supported models: {names}. "
-        "Other families (Swin, BEiT, timm, full CLIP/SigLIP models) need an adapter in hf_vitcompress/families/."
+        "Other families (Swin, timm, full CLIP/SigLIP models) need an adapter in hf_vitcompress/families/."
     )
 
 

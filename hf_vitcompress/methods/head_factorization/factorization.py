@@ -66,6 +66,10 @@ class AttentionFactorization:
     qk_bias: bool
     head_dim: int
     solver: str
+    # How many of the dense q/k biases, and whether the v bias, exist: what a head costs kept dense (BEiT's
+    # key projection has no bias, ViT's has one).
+    dense_qk_biases: int = 2
+    dense_v_bias: int = 1
 
     def rank_costs(self, hidden: int) -> tuple[int, int]:
         """Weights one rank of a head's Q·Kᵀ (``L``, ``R`` and the query bias) and of its V·O (``D``, ``U``) cost."""
@@ -115,7 +119,10 @@ def factorize_attention(
         if v.bias is not None:
             folded = w_o[:, rows] @ v.bias.detach().to(torch.float64)[rows]
             out_bias = folded if out_bias is None else out_bias + folded
-    return AttentionFactorization(qk, vo, out_bias, qk_bias, head_dim, root.solver)
+    dense_qk_biases = int(q.bias is not None) + int(k.bias is not None)
+    return AttentionFactorization(
+        qk, vo, out_bias, qk_bias, head_dim, root.solver, dense_qk_biases, int(v.bias is not None)
+    )
 
 
 def install_head_factorized(

@@ -39,10 +39,10 @@ def _head_candidates(name: str, factorization: AttentionFactorization, hidden: i
         for h, svd in enumerate(svds):
             kept = torch.cat([svd.spectrum.new_zeros(1), svd.spectrum.cumsum(0)])
             errors = (kept[-1] - kept).clamp_min(0) / total
-            if kind == "qk":  # the dense model's W_Q^h, W_K^h and both biases
-                unit, dense = qk_unit, 2 * hidden * head_dim + 2 * head_dim * factorization.qk_bias
+            if kind == "qk":  # the dense model's W_Q^h, W_K^h and their biases
+                unit, dense = qk_unit, 2 * hidden * head_dim + head_dim * factorization.dense_qk_biases
             else:  # W_V^h, its bias and W_O^h's columns (the folded output bias is a fixed cost)
-                unit, dense = vo_unit, 2 * hidden * head_dim + head_dim * factorization.qk_bias
+                unit, dense = vo_unit, 2 * hidden * head_dim + head_dim * factorization.dense_v_bias
             candidates.append(
                 RankCandidate(
                     f"{name}#{kind}{h}",
