@@ -16,6 +16,11 @@ from .families.clip import (
     CompressedCLIPVisionModel,
     CompressedCLIPVisionModelWithProjection,
 )
+from .families.data2vec_vision import (
+    CompressedData2VecVisionConfig,
+    CompressedData2VecVisionForImageClassification,
+    CompressedData2VecVisionModel,
+)
 from .families.deit import (
     CompressedDeiTConfig,
     CompressedDeiTForImageClassification,
@@ -98,6 +103,9 @@ __all__ = [
     "CompressedCLIPVisionConfig",
     "CompressedCLIPVisionModel",
     "CompressedCLIPVisionModelWithProjection",
+    "CompressedData2VecVisionConfig",
+    "CompressedData2VecVisionForImageClassification",
+    "CompressedData2VecVisionModel",
     "CompressedDeiTConfig",
     "CompressedDeiTForImageClassification",
     "CompressedDeiTForImageClassificationWithTeacher",

@@ -180,8 +180,9 @@ def compress(
     family.compressed_class_for(model)  # refuses unsupported model classes before any work
     if config.method not in family.methods:
         raise ValueError(
-            f"method={config.method!r} does not handle {type(model).__name__} yet: structured pruning is written for "
-            "ViT's block layout (attention.{q,k,v,o}_proj, mlp.fc1/fc2). Use method="
+            f"method={config.method!r} does not handle {type(model).__name__} yet: its blocks lack the layout that "
+            "method is written for (head_factorization: q_proj/k_proj/v_proj with o_proj or out_proj; pruning: "
+            "also attention.* and mlp.fc1/fc2 names). Use method="
             f"{' or '.join(repr(m) for m in family.methods)}."
         )
     check_weights_in_memory(model)

@@ -19,6 +19,9 @@ from transformers import (
     CLIPVisionConfig,
     CLIPVisionModel,
     CLIPVisionModelWithProjection,
+    Data2VecVisionConfig,
+    Data2VecVisionForImageClassification,
+    Data2VecVisionModel,
     Dinov2Backbone,
     Dinov2ForImageClassification,
     Dinov2Model,
@@ -100,7 +103,9 @@ def compressed_as_its_family(dense, config):
     """``dense`` compressed, checked to be its family's compressed class with the family's own ``model_type``."""
     small, family = compress(dense, config, images(), progress=False), family_for(dense)
     assert type(small) is family.compressed_classes[type(dense)]
-    assert small.config.model_type == f"vitcompress_{family.base_model_type}"
+    assert small.config.model_type == family.config_class.model_type and family.config_class.model_type.startswith(
+        "vitcompress_"
+    )
     return small, family
 
 
@@ -322,3 +327,34 @@ def test_a_head_factorized_attention_keeps_the_position_bias_rows_of_the_heads_i
 def test_beit_records_outputs_as_the_dense_one(method):
     dense = tiny_beit(BeitForImageClassification)
     check_recorded_outputs(compress(dense, METHODS[method], images(), progress=False), dense, "eager")
+
+
+# -- Data2Vec-vision: BEiT with transformers' classic module names; activation_aware only -----------------------
+@pytest.mark.parametrize(
+    "dense_class", [Data2VecVisionModel, Data2VecVisionForImageClassification], ids=lambda cls: cls.__name__
+)
+def test_data2vec_vision_is_factorized_reloads_and_refuses_the_head_methods(tmp_path, dense_class):
+    torch.manual_seed(0)
+    sizes = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_labels=5)
+    dense = dense_class(Data2VecVisionConfig(**sizes, image_size=16, patch_size=4, use_relative_position_bias=True))
+    dense.eval()
+    small, _ = compressed_as_its_family(dense, METHODS["activation_aware"])
+    assert {name.split("layer.", 1)[1].split(".", 1)[1] for name in small.compression_plan.layers} >= {
+        "attention.output.dense",
+        "intermediate.dense",
+        "output.dense",
+    }
+    assert count_parameters(small) <= 0.6 * count_parameters(dense)
+    loaded = reload(small, tmp_path)
+    assert type(loaded) is type(small) and same_weights(loaded, small)
+    assert torch.equal(features(loaded, images(3)), features(small, images(3)))
+    with torch.no_grad():  # its classic attention records its own weights: the same shapes as the dense model's
+        got, want = (
+            m(pixel_values=images(2), output_attentions=True, output_hidden_states=True) for m in (small, dense)
+        )
+    assert [h.shape for h in got.hidden_states] == [h.shape for h in want.hidden_states]
+    shapes = [[None if a is None else a.shape for a in out.attentions] for out in (got, want)]
+    assert shapes[0] == shapes[1] and len(shapes[0]) == dense.config.num_hidden_layers  # None under SDPA, as dense
+    for method in ("head_factorization", "pruning"):
+        with pytest.raises(ValueError, match=f"method='{method}' does not handle {dense_class.__name__} yet"):
+            compress(dense, METHODS[method], images(), progress=False)

@@ -7,6 +7,7 @@ from torch import nn
 from .base import FamilyAdapter
 from .beit import BEIT_FAMILY
 from .clip import CLIP_VISION_FAMILY
+from .data2vec_vision import DATA2VEC_VISION_FAMILY
 from .deit import DEIT_FAMILY
 from .dinov2 import DINOV2_FAMILY, DINOV2_WITH_REGISTERS_FAMILY
 from .siglip import SIGLIP_VISION_FAMILY
@@ -20,6 +21,7 @@ FAMILIES: tuple[FamilyAdapter, ...] = (
     CLIP_VISION_FAMILY,
     SIGLIP_VISION_FAMILY,
     BEIT_FAMILY,
+    DATA2VEC_VISION_FAMILY,
 )
 
 
