@@ -91,7 +91,6 @@ def factorize_attention(
     from ...attention import attention_heads, attention_projection_names
 
     heads, head_dim = attention_heads(attention), attention.head_dim
-
     q, k, v, o = (attention.get_submodule(name) for name in attention_projection_names(attention))
     w_q, w_k, w_v, w_o = (m.weight.detach().to(torch.float64) for m in (q, k, v, o))
     hidden = w_q.shape[1]
