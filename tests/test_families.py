@@ -32,9 +32,10 @@ from transformers import (
     SiglipVisionModel,
 )
 
-from hf_vitcompress import CompressionConfig, PruningError, compress, count_parameters
+from hf_vitcompress import CompressionConfig, compress, count_parameters
 from hf_vitcompress.attention import HeadFactorizedAttention
 from hf_vitcompress.calibration.validation import output_of
+from hf_vitcompress.evaluation import count_macs
 from hf_vitcompress.families import family_for
 
 from .conftest import tiny_dinov2
@@ -152,7 +153,7 @@ def test_layerscale_is_kept_as_it_was():
         assert torch.equal(block.layer_scale2.lambda1, dense_block.layer_scale2.lambda1)
 
 
-def test_the_swiglu_mlp_is_factorized_and_pruning_says_it_does_not_handle_it(tmp_path):
+def test_the_swiglu_mlp_is_factorized_and_pruned(tmp_path):
     dense = tiny_dinov2(Dinov2Model, use_swiglu_ffn=True)
     for method in ("activation_aware", "head_factorization"):
         small = compress(dense, METHODS[method], images(), progress=False)
@@ -168,8 +169,18 @@ def test_the_swiglu_mlp_is_factorized_and_pruning_says_it_does_not_handle_it(tmp
     assert same_weights(loaded, small) and torch.equal(features(loaded, images(2)), features(small, images(2)))
     full = compress(dense, KEEP_ALL["activation_aware"], images(), progress=False)
     torch.testing.assert_close(features(full, images(3)), features(dense, images(3)), rtol=1e-4, atol=1e-5)
-    with pytest.raises(PruningError, match="SwiGLU.*method='activation_aware'"):
-        compress(dense, METHODS["pruning"], images(), progress=False)
+    # pruning: a neuron is a row of gate_proj and of up_proj and a column of down_proj
+    pruned = compress(dense, METHODS["pruning"], images(), progress=False)
+    provenance = pruned.config.compression_provenance
+    assert provenance["macs"] <= METHODS["pruning"].target_flops_ratio * provenance["dense_macs"]
+    # the budget's count (3 matmuls per SwiGLU neuron) is what the pruned model really runs
+    assert provenance["macs"] == count_macs(pruned, images(1))
+    mlp = next(block.mlp for block in pruned.encoder.layer if hasattr(block, "mlp"))
+    assert mlp.gate_proj.out_features == mlp.up_proj.out_features == mlp.down_proj.in_features
+    loaded = reload(pruned, tmp_path / "pruned")
+    assert same_weights(loaded, pruned) and torch.equal(features(loaded, images(2)), features(pruned, images(2)))
+    keep_all = compress(dense, KEEP_ALL["pruning"], images(), progress=False)
+    torch.testing.assert_close(features(keep_all, images(3)), features(dense, images(3)), rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("implementation", ["eager", "sdpa"])

@@ -8,7 +8,8 @@
   budget counts, see :mod:`.structure`). Exact: the key bias only shifts every score of a query by the
   same amount (softmax ignores it) and the kept value bias folds into the output bias because
   attention weights sum to one.
-* An MLP that lost neurons keeps the matching rows of ``fc1`` and columns of ``fc2`` (plain ``nn.Linear``).
+* An MLP that lost neurons keeps the matching rows of ``fc1`` and columns of ``fc2`` (SwiGLU: rows of ``gate_proj``
+  and ``up_proj``, columns of ``down_proj``), as plain ``nn.Linear``.
 * A skipped block becomes a :class:`~hf_vitcompress.layers.SkippedBlock`.
 
 The per-layer head counts and widths go into the plan, so ``from_pretrained`` rebuilds the same shapes.
@@ -24,7 +25,7 @@ from torch import nn
 from ...attention import HeadFactorizedAttention
 from ...layers import SkippedBlock
 from ...plan import CompressionPlan, LayerPlan, count_parameters, set_submodule
-from .structure import BlockPruning, PrunableModel
+from .structure import BlockPruning, PrunableModel, mlp_layout
 
 
 @torch.no_grad()
@@ -107,8 +108,9 @@ def apply_pruning(model: nn.Module, structure: PrunableModel, state: list[BlockP
             set_submodule(model, f"{name}.attention", module)
         if len(block.neurons) < shape.neurons:
             mlp = model.get_submodule(f"{name}.mlp")
-            kept = torch.tensor(block.neurons, device=mlp.fc1.weight.device)
-            for role, rows, columns in (("fc1", kept, None), ("fc2", None, kept)):
+            inputs, output = mlp_layout(mlp)
+            kept = torch.tensor(block.neurons, device=getattr(mlp, output).weight.device)
+            for role, rows, columns in (*((n, kept, None) for n in inputs), (output, None, kept)):
                 sliced = _sliced(getattr(mlp, role), rows, columns)
                 set_submodule(model, f"{name}.mlp.{role}", sliced)
                 layers[f"{name}.mlp.{role}"] = LayerPlan(

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ...calibration.distributed import SINGLE_PROCESS, CalibrationProcesses
-from .structure import PrunableModel, PruningError
+from .structure import PrunableModel, PruningError, mlp_layout
 
 
 @dataclass
@@ -52,9 +52,12 @@ def _head_terms(attention: nn.Module, tensors: dict[str, torch.Tensor]) -> tuple
 
 
 def _neuron_terms(mlp: nn.Module, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
-    terms = tensors["fc1.weight"].sum(1) + tensors["fc2.weight"].sum(0)
-    if "fc1.bias" in tensors:
-        terms = terms + tensors["fc1.bias"]
+    inputs, output = mlp_layout(mlp)
+    terms = tensors[f"{output}.weight"].sum(0)
+    for name in inputs:  # a neuron is a row of each input linear (fc1; SwiGLU's gate_proj and up_proj)
+        terms = terms + tensors[f"{name}.weight"].sum(1)
+        if f"{name}.bias" in tensors:
+            terms = terms + tensors[f"{name}.bias"]
     return terms
 
 
@@ -64,7 +67,8 @@ def _parameters(attention: nn.Module, mlp: nn.Module) -> dict[str, nn.Parameter]
         for n, p in attention.named_parameters()
         if n.split(".")[0] in ("q_proj", "k_proj", "v_proj", "o_proj")
     }
-    found.update({n: p for n, p in mlp.named_parameters() if n.split(".")[0] in ("fc1", "fc2")})
+    inputs, output = mlp_layout(mlp)
+    found.update({n: p for n, p in mlp.named_parameters() if n.split(".")[0] in (*inputs, output)})
     return found
 
 

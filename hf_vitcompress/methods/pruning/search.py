@@ -38,7 +38,7 @@ from ...configuration import CompressionConfig
 from ...training.callbacks import CompressionController
 from .importance import magnitude_scores
 from .projection import project_to_budget
-from .structure import BlockPruning, PrunableModel, state_from_dict, state_to_dict
+from .structure import BlockPruning, PrunableModel, mlp_layout, state_from_dict, state_to_dict
 
 STAGES = ("warmup", "search", "post")
 KINDS = ("heads", "value_dims", "neurons")
@@ -80,7 +80,10 @@ class UVCController(CompressionController):
         for b, name in enumerate(self.structure.block_names):
             block = model.get_submodule(name)
             self._handles.append(block.attention.o_proj.register_forward_pre_hook(self._mask_hook(b, "attention")))
-            self._handles.append(block.mlp.fc2.register_forward_pre_hook(self._mask_hook(b, "neurons")))
+            output = getattr(
+                block.mlp, mlp_layout(block.mlp)[1]
+            )  # fc2, or SwiGLU's down_proj: its input is the neurons
+            self._handles.append(output.register_forward_pre_hook(self._mask_hook(b, "neurons")))
             if self.config.skip_blocks:
                 self._handles.append(block.register_forward_hook(self._gate_hook(b)))
 
@@ -251,14 +254,19 @@ class UVCController(CompressionController):
             block = model.get_submodule(name)
             dims = (self._selected(b, "heads")[:, None] | self._selected(b, "value_dims")).reshape(-1)
             neurons = self._selected(b, "neurons")
-            pairs = ((dims, block.attention.v_proj, block.attention.o_proj), (neurons, block.mlp.fc1, block.mlp.fc2))
-            for mask, rows, columns in pairs:  # a group is rows of the first linear and columns of the second
+            inputs, output = mlp_layout(block.mlp)
+            pairs = (
+                (dims, [block.attention.v_proj], block.attention.o_proj),
+                (neurons, [getattr(block.mlp, name) for name in inputs], getattr(block.mlp, output)),
+            )
+            for mask, row_linears, columns in pairs:  # a group is rows of the first linears and columns of the last
                 if not bool(mask.any()):
                     continue
-                scale = torch.where(mask, factor, 1.0).to(rows.weight.device)
-                rows.weight.mul_(scale[:, None].to(rows.weight.dtype))
-                if rows.bias is not None:
-                    rows.bias.mul_(scale.to(rows.bias.dtype))
+                scale = torch.where(mask, factor, 1.0).to(columns.weight.device)
+                for rows in row_linears:
+                    rows.weight.mul_(scale[:, None].to(rows.weight.dtype))
+                    if rows.bias is not None:
+                        rows.bias.mul_(scale.to(rows.bias.dtype))
                 columns.weight.mul_(scale[None, :].to(columns.weight.dtype))
             norms = self._norms[b]
             dim_norms = norms["value_dims"].reshape(-1)

@@ -6,7 +6,8 @@ Three kinds of groups per encoder block, plus the block itself:
 * a **value dim** inside a head: one row of ``v_proj`` and the matching column of ``o_proj``. Every kept
   head of a block keeps the same number of value dims (each its own best ones), so the pruned attention
   runs as a plain multi-head attention with a narrower value head, without padding between heads;
-* an **MLP neuron**: one row of ``fc1`` and the matching column of ``fc2``;
+* an **MLP neuron**: one row of ``fc1`` and the matching column of ``fc2`` (SwiGLU: one row of ``gate_proj`` and
+  of ``up_proj``, one column of ``down_proj``; see :func:`mlp_layout`);
 * the **block**: skipped entirely (the residual stream passes through).
 
 MACs are counted the way :func:`hf_vitcompress.evaluation.count_macs` counts a real forward pass (every
@@ -69,6 +70,19 @@ class BlockPruning:
         return BlockPruning(list(self.heads), [list(d) for d in self.value_dims], list(self.neurons), self.skipped)
 
 
+# An MLP's input linears (a neuron is one row of each) and its output linear (a neuron is one column): the GELU
+# MLP of ViT / DeiT / DINOv2 / BEiT, and the SwiGLU MLP of DINOv2 ViT-g.
+MLP_LAYOUTS: tuple[tuple[tuple[str, ...], str], ...] = ((("fc1",), "fc2"), (("gate_proj", "up_proj"), "down_proj"))
+
+
+def mlp_layout(mlp: nn.Module) -> tuple[tuple[str, ...], str] | None:
+    """``(input linear names, output linear name)`` of a dense ``mlp``, or ``None`` when it has neither layout."""
+    for inputs, output in MLP_LAYOUTS:
+        if all(isinstance(getattr(mlp, name, None), nn.Linear) for name in (*inputs, output)):
+            return inputs, output
+    return None
+
+
 @dataclass
 class PrunableModel:
     """Facts about a model that pruning needs: block names and shapes, token count, hidden size, fixed MACs."""
@@ -78,6 +92,7 @@ class PrunableModel:
     hidden: int
     tokens: int
     fixed_macs: int
+    mlp_inputs: int = 1  # linears a neuron is a row of: 1 (fc1), 2 (SwiGLU's gate_proj and up_proj)
     dense_macs: int = field(init=False)
 
     def __post_init__(self) -> None:
@@ -89,26 +104,21 @@ class PrunableModel:
         family = family_for(model)
         prefix = family.block_list_name(model)
         blocks = family.blocks(model)
-        shapes = []
+        shapes, layouts = [], set()
         for index, block in enumerate(blocks):
             attention = getattr(block, "attention", None)
             mlp = getattr(block, "mlp", None)
             projections = [getattr(attention, name, None) for name in ATTENTION_PROJECTIONS]
-            if isinstance(getattr(mlp, "gate_proj", None), nn.Linear):
-                raise PruningError(
-                    f"Block {prefix}.{index} of {type(model).__name__} has a SwiGLU MLP (gate_proj/up_proj/down_proj, "
-                    "DINOv2 ViT-g): structured pruning removes fc1/fc2 neurons and does not handle it yet. Use "
-                    "method='activation_aware' or method='head_factorization', which do."
-                )
-            if not all(isinstance(p, nn.Linear) for p in projections) or not all(
-                isinstance(getattr(mlp, name, None), nn.Linear) for name in ("fc1", "fc2")
-            ):
+            layout = mlp_layout(mlp) if mlp is not None else None
+            if not all(isinstance(p, nn.Linear) for p in projections) or layout is None:
                 raise PruningError(
                     f"Block {prefix}.{index} of {type(model).__name__} is not a dense attention (q_proj/k_proj/v_proj/"
-                    "o_proj) + MLP (fc1/fc2) block: structured pruning needs the dense model (prune before factorizing, "
-                    "and do not prune an already pruned model)."
+                    "o_proj) + MLP (fc1/fc2, or SwiGLU gate_proj/up_proj/down_proj) block: structured pruning needs the "
+                    "dense model (prune before factorizing, and do not prune an already pruned model)."
                 )
-            shapes.append(BlockShape(attention.num_attention_heads, attention.head_dim, mlp.fc1.out_features))
+            layouts.add(layout)
+            neurons = getattr(mlp, layout[0][0]).out_features
+            shapes.append(BlockShape(attention.num_attention_heads, attention.head_dim, neurons))
         config = model.config
         parameter = next(model.parameters())
         pixels = torch.zeros(
@@ -121,9 +131,12 @@ class PrunableModel:
         finally:
             handle.remove()
         hidden = blocks[0].attention.q_proj.in_features
-        partial = cls([], [], hidden, seen[0], 0)
+        if len(layouts) != 1:
+            raise PruningError(f"The blocks of {type(model).__name__} mix MLP layouts {sorted(layouts)}.")
+        mlp_inputs = len(next(iter(layouts))[0])
+        partial = cls([], [], hidden, seen[0], 0, mlp_inputs)
         fixed = total - sum(partial.block_macs(shape) for shape in shapes)  # dense blocks cost the same everywhere
-        return cls([f"{prefix}.{i}" for i in range(len(blocks))], shapes, hidden, seen[0], fixed)
+        return cls([f"{prefix}.{i}" for i in range(len(blocks))], shapes, hidden, seen[0], fixed, mlp_inputs)
 
     # -- MACs --------------------------------------------------------------------------------------
     def attention_macs(self, heads: Any, head_dim: Any, value_dim: Any, padded: bool = True) -> Any:
@@ -146,7 +159,7 @@ class PrunableModel:
         return self.attention_macs(heads, 0, 1)
 
     def mlp_macs(self, neurons: Any) -> Any:
-        return 2 * self.tokens * self.hidden * neurons
+        return (self.mlp_inputs + 1) * self.tokens * self.hidden * neurons
 
     def block_macs(self, shape: BlockShape) -> int:
         return self.attention_macs(shape.heads, shape.head_dim, shape.head_dim) + self.mlp_macs(shape.neurons)
