@@ -80,9 +80,8 @@ class UVCController(CompressionController):
         for b, name in enumerate(self.structure.block_names):
             block = model.get_submodule(name)
             self._handles.append(block.attention.o_proj.register_forward_pre_hook(self._mask_hook(b, "attention")))
-            output = getattr(
-                block.mlp, mlp_layout(block.mlp)[1]
-            )  # fc2, or SwiGLU's down_proj: its input is the neurons
+            # fc2, or SwiGLU's down_proj: its input is the neurons
+            output = getattr(block.mlp, mlp_layout(block.mlp)[1])
             self._handles.append(output.register_forward_pre_hook(self._mask_hook(b, "neurons")))
             if self.config.skip_blocks:
                 self._handles.append(block.register_forward_hook(self._gate_hook(b)))
