@@ -169,21 +169,35 @@ def test_unreachable_ratio_leaves_nothing_behind(tmp_path, capsys):
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("dense_class", ["Dinov2Model", "Dinov2Backbone"])
-def test_the_cli_compresses_a_backbone_as_a_backbone(tmp_path, capsys, dense_class):
-    """The family and the kind of model come from the checkpoint: a DINOv2 backbone is compressed as one (not
-    given a random classifier), its card is a feature extractor's, and the commands that need labels refuse it."""
+@pytest.mark.parametrize(
+    ("dense_class", "model_type"),
+    [
+        ("Dinov2Model", "vitcompress_dinov2"),
+        ("Dinov2Backbone", "vitcompress_dinov2"),
+        ("CLIPVisionModel", "vitcompress_clip_vision_model"),
+    ],
+)
+def test_the_cli_compresses_a_backbone_as_a_backbone(tmp_path, capsys, dense_class, model_type):
+    """The family and the kind of model come from the checkpoint: a DINOv2 backbone or a CLIP vision tower is
+    compressed as one (not given a random classifier), its card is a feature extractor's, and the commands that
+    need labels refuse it."""
     import transformers
 
     from .conftest import tiny_dinov2
 
-    dense = tiny_dinov2(getattr(transformers, dense_class), image_size=28, num_channels=1)  # Fashion-MNIST
+    if dense_class.startswith("Dinov2"):
+        dense = tiny_dinov2(getattr(transformers, dense_class), image_size=28, num_channels=1)  # Fashion-MNIST
+    else:
+        sizes = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4)
+        dense = transformers.CLIPVisionModel(
+            transformers.CLIPVisionConfig(**sizes, image_size=28, patch_size=4, num_channels=1)
+        )
     dense.save_pretrained(tmp_path / "dense")
     out = tmp_path / "small"
     args = ["--model", str(tmp_path / "dense"), "--output", str(out), "--calibration-samples", "32"]
     assert main(["compress", "--quiet", "--whitening", "gram", "--rank-allocation", "global", *args]) == 0
     saved = json.loads((out / "config.json").read_text())
-    assert saved["architectures"] == [f"Compressed{dense_class}"] and saved["model_type"] == "vitcompress_dinov2"
+    assert saved["architectures"] == [f"Compressed{dense_class}"] and saved["model_type"] == model_type
     assert main(["card", "--quiet", "--model", str(out)]) == 0
     assert "pipeline_tag: image-feature-extraction" in (out / "README.md").read_text()
     capsys.readouterr()
