@@ -1,5 +1,5 @@
-"""BEiT family: ``BeitModel`` / ``BeitForImageClassification`` (transformers 5.x names); Data2Vec-vision shares
-the layout but is not registered here.
+"""BEiT family: ``BeitModel`` / ``BeitForImageClassification`` (transformers 5.x names). Data2Vec-vision is the
+same architecture, but transformers 5.24 writes it with the classic module names: :mod:`.data2vec_vision`.
 
 Same block layout as ViT (``beit.layers.N.attention.{q,k,v,o}_proj``, ``mlp.fc1`` / ``mlp.fc2``), with LayerScale
 (``lambda_1`` / ``lambda_2``, kept as they are) and a relative position bias per layer that the block adds to the
