@@ -38,6 +38,18 @@ from .families.dinov2 import (
     CompressedDinov2WithRegistersModel,
 )
 from .families.siglip import CompressedSiglipVisionConfig, CompressedSiglipVisionModel
+from .families.swin import (
+    CompressedSwinBackbone,
+    CompressedSwinConfig,
+    CompressedSwinForImageClassification,
+    CompressedSwinModel,
+)
+from .families.swinv2 import (
+    CompressedSwinv2Backbone,
+    CompressedSwinv2Config,
+    CompressedSwinv2ForImageClassification,
+    CompressedSwinv2Model,
+)
 from .families.vit import CompressedViTConfig, CompressedViTForImageClassification, CompressedViTModel
 from .layers import LowRankLinear, SkippedBlock
 from .methods.pruning.structure import PruningError
@@ -120,6 +132,14 @@ __all__ = [
     "CompressedDinov2WithRegistersModel",
     "CompressedSiglipVisionConfig",
     "CompressedSiglipVisionModel",
+    "CompressedSwinBackbone",
+    "CompressedSwinConfig",
+    "CompressedSwinForImageClassification",
+    "CompressedSwinModel",
+    "CompressedSwinv2Backbone",
+    "CompressedSwinv2Config",
+    "CompressedSwinv2ForImageClassification",
+    "CompressedSwinv2Model",
     "CompressedViTConfig",
     "CompressedViTForImageClassification",
     "CompressedViTModel",

@@ -15,6 +15,7 @@ head; heads whose value/output rank is 0 are gone. Different ranks are zero-padd
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Sequence
 
 import torch
@@ -66,12 +67,35 @@ def attention_projection_names(attention: nn.Module) -> tuple[str, str, str, str
     return names
 
 
+def with_own_position_bias(
+    attention: nn.Module, attention_mask: torch.Tensor | None, batch: int, heads: Sequence[int] | None = None
+) -> torch.Tensor | None:
+    """The additive score term of an attention that owns a ``relative_position_bias`` module, as ``SwinAttention``
+    builds it: the bias (``[1, heads, n, n]``, only the rows of ``heads`` if given) plus the shifted-window mask
+    (``[windows, n, n]``, repeated over the ``batch // windows`` images). Other attentions: ``attention_mask``."""
+    module = getattr(attention, "relative_position_bias", None)
+    if not isinstance(module, nn.Module):
+        return attention_mask
+    bias = module()
+    if heads is not None:
+        bias = bias[:, list(heads)]
+    if attention_mask is None:
+        return bias
+    return bias + attention_mask.unsqueeze(1).repeat(batch // attention_mask.shape[0], 1, 1, 1)
+
+
 class HeadFactorizedAttention(nn.Module):
     """Drop-in for a ViT-style attention module (``forward(hidden_states, attention_mask) -> (out, weights)``).
 
     ``qk_ranks[h]`` / ``vo_ranks[h]`` are head ``h``'s ranks (``0 ≤ r ≤ head_dim``); a head with
     ``vo_ranks[h] == 0`` contributes nothing and is removed, a head with ``qk_ranks[h] == 0`` attends
     uniformly. ``config`` is the model config (for ``_attn_implementation``).
+
+    ``relative_position_bias``: the dense attention's own bias module, where it has one (Swin's
+    ``SwinRelativePositionBias``, called with no arguments, ``[1, heads, n, n]``). It is kept under the same
+    name, so its table loads from the same checkpoint key, and used as the dense attention uses it: the kept
+    heads' rows plus the shifted-window mask (``[windows, n, n]``, repeated over the batch) when there is one.
+    Build one with :func:`head_factorized_like` to carry it over.
     """
 
     def __init__(
@@ -85,6 +109,7 @@ class HeadFactorizedAttention(nn.Module):
         out_bias: bool = True,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        relative_position_bias: nn.Module | None = None,
     ) -> None:
         super().__init__()
         if len(qk_ranks) != len(vo_ranks):
@@ -123,6 +148,7 @@ class HeadFactorizedAttention(nn.Module):
         self._qk_positions = self._packed_positions(self.qk_ranks, self.qk_width)
         self._vo_positions = self._packed_positions(self.vo_ranks, self.vo_width)
         self._index_cache: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.relative_position_bias = relative_position_bias
 
     @staticmethod
     def _packed_positions(ranks: Sequence[int], width: int) -> list[int]:
@@ -153,7 +179,10 @@ class HeadFactorizedAttention(nn.Module):
         query = self._to_heads(self.qk_left(hidden_states), self.qk_ranks, self.qk_width, qk_index)
         key = self._to_heads(self.qk_right(hidden_states), self.qk_ranks, self.qk_width, qk_index)
         value = self._to_heads(self.vo_down(hidden_states), self.vo_ranks, self.vo_width, vo_index)
-        if (
+        if self.relative_position_bias is not None:
+            kept = self.active_heads if self.num_heads != self.source_heads else None
+            attention_mask = with_own_position_bias(self, attention_mask, hidden_states.shape[0], kept)
+        elif (
             attention_mask is not None
             and attention_mask.dim() == 4
             and attention_mask.shape[1] == self.source_heads != self.num_heads
@@ -201,3 +230,29 @@ class HeadFactorizedAttention(nn.Module):
 
     def extra_repr(self) -> str:
         return f"heads={self.num_heads}, head_dim={self.head_dim}, qk_ranks={self.qk_ranks}, vo_ranks={self.vo_ranks}"
+
+
+def head_factorized_like(
+    dense: nn.Module,
+    head_dim: int,
+    qk_ranks: Sequence[int],
+    vo_ranks: Sequence[int],
+    qk_bias: bool,
+    out_bias: bool,
+) -> HeadFactorizedAttention:
+    """An empty :class:`HeadFactorizedAttention` to replace the dense self-attention ``dense``: its config, width,
+    device and dtype, and a copy of its ``relative_position_bias`` module where it has one (Swin)."""
+    weight = getattr(dense, attention_projection_names(dense)[0]).weight
+    position_bias = getattr(dense, "relative_position_bias", None)
+    return HeadFactorizedAttention(
+        dense.config,
+        weight.shape[1],
+        head_dim,
+        qk_ranks,
+        vo_ranks,
+        qk_bias=qk_bias,
+        out_bias=out_bias,
+        device=weight.device,
+        dtype=weight.dtype,
+        relative_position_bias=copy.deepcopy(position_bias) if isinstance(position_bias, nn.Module) else None,
+    )

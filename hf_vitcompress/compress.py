@@ -41,8 +41,8 @@ def resolve_targets(
     all_groups = family.block_linear_names(model)
     if not any(name for block in all_groups for group in block for name in group):
         raise ValueError(f"{type(model).__name__} has no encoder blocks with attention/MLP linears to compress.")
-    if target_modules is None:
-        return all_groups, []
+    if target_modules is None:  # every block linear, and the family's other default targets
+        return all_groups, family.extra_linear_names(model)
     roles = set(family.roles)
     chosen_roles = {entry for entry in target_modules if entry in roles}
     block_names = {name for block in all_groups for group in block for name in group}
@@ -185,6 +185,13 @@ def compress(
             "also attention.* and mlp.fc1/fc2 names). Use method="
             f"{' or '.join(repr(m) for m in family.methods)}."
         )
+    if not family.chained and config.method == "activation_aware" and (config.sequential or config.compensation_rank):
+        raise ValueError(
+            f"sequential={config.sequential!r} / compensation_rank={config.compensation_rank} calibrate block by "
+            f"block, feeding each block's output to the next, but the blocks of {type(model).__name__} come in "
+            "stages with a patch merging between them (not one chain). Use the one-shot default "
+            "(sequential=False, compensation_rank=0)."
+        )
     check_weights_in_memory(model)
     target_modules = config.target_modules
     if config.method == "head_factorization":
@@ -247,6 +254,7 @@ def compress(
 
     was_training = model.training
     model.eval()  # the dense model is the reference: no dropout while it is measured
+    forward_state = family.forward_state_of(model)  # what the calibration forwards may change (Swin's windows)
     try:
         # float16 on the CPU: compute on a float32 copy (see compute_dtype); the user's model is untouched
         dense = model if working_dtype == dtype else copy.deepcopy(model).to(working_dtype)
@@ -259,6 +267,7 @@ def compress(
             pruned = export_pruned(
                 dense, structure, state, config, calibration_images=calibration_images, provenance=provenance
             )
+            family.restore_forward_state(pruned, forward_state)
             return _in_dtype(pruned, dtype).train(was_training)
         working = copy.deepcopy(dense)
         with interpolated_positions(working):  # calibration images of another size than config.image_size
@@ -287,7 +296,9 @@ def compress(
                 )
     finally:
         model.train(was_training)
+        family.restore_forward_state(model, forward_state)
     working.train(was_training)
+    family.restore_forward_state(working, forward_state)
 
     compressed = finish_compressed(working, model, config, plan, report, calibration_images)
     compressed.config.compression_provenance.update(_image_size_provenance(image_sizes if batches is not None else []))

@@ -27,11 +27,19 @@ from .metrics.functional import topk_accuracy
 from .plan import count_parameters, set_submodule
 from .shared_input import SharedInputMixin, merge_shared_input
 
+CLASSIC_PROJECTION_NAMES = ("query", "key", "value")  # BERT-style XSelfAttention (Data2Vec-vision, Swin-v2)
 
-def _is_attention(module: nn.Module) -> bool:
-    """A transformers self-attention: q/k/v projections and an output one (``o_proj``; CLIP/SigLIP ``out_proj``)."""
+
+def _attention_projections(module: nn.Module) -> tuple[nn.Module, nn.Module] | None:
+    """The query and value projections of a transformers self-attention, ``None`` for any other module: q/k/v
+    projections and an output one (``o_proj``; CLIP/SigLIP ``out_proj``), or the classic ``query`` / ``key`` /
+    ``value`` self-attention whose output projection lives in a sibling module."""
     has_output = any(hasattr(module, name) for name in OUTPUT_PROJECTION_NAMES)
-    return has_output and all(hasattr(module, name) for name in ("q_proj", "k_proj", "v_proj"))
+    if has_output and all(hasattr(module, name) for name in ("q_proj", "k_proj", "v_proj")):
+        return module.q_proj, module.v_proj
+    if all(isinstance(getattr(module, name, None), nn.Module) for name in CLASSIC_PROJECTION_NAMES):
+        return module.query, module.value
+    return None
 
 
 @torch.no_grad()
@@ -61,7 +69,8 @@ def count_macs(model: nn.Module, pixel_values: torch.Tensor, attn_implementation
         if isinstance(module, HeadFactorizedAttention):  # what really runs: the zero-padded per-head widths
             total += batch * tokens * tokens * module.attention_matmul_width(attn_implementation)
         else:
-            total += batch * tokens * tokens * (module.q_proj.out_features + module.v_proj.out_features)
+            query, value = _attention_projections(module)
+            total += batch * tokens * tokens * (query.out_features + value.out_features)
 
     def multihead_hook(module: nn.MultiheadAttention, args: tuple, kwargs: dict, _output: Any) -> None:
         nonlocal total
@@ -78,7 +87,7 @@ def count_macs(model: nn.Module, pixel_values: torch.Tensor, attn_implementation
             handles.append(module.register_forward_hook(linear_hook))
         elif isinstance(module, nn.Conv2d):
             handles.append(module.register_forward_hook(conv_hook))
-        elif _is_attention(module) or isinstance(module, HeadFactorizedAttention):
+        elif _attention_projections(module) is not None or isinstance(module, HeadFactorizedAttention):
             handles.append(module.register_forward_hook(attention_hook, with_kwargs=True))
         elif isinstance(module, nn.MultiheadAttention):  # SigLIP's pooling head: projections run as F.linear
             handles.append(module.register_forward_hook(multihead_hook, with_kwargs=True))

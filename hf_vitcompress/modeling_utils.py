@@ -15,6 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from huggingface_hub.dataclasses import strict
 from torch import nn
 from transformers import AutoBackbone, AutoConfig, AutoModel, AutoModelForImageClassification, PreTrainedModel
 from transformers.backbone_utils import BackboneMixin
@@ -242,18 +243,36 @@ def install_output_recorders(model: nn.Module) -> None:
     Also registers compressed classes that were never constructed (``compress()`` changes ``__class__``)
     in the per-class registry transformers reads, as ``PreTrainedModel.__init__`` would have.
     """
-    for module in model.modules():
+    containers = _attention_recording_containers(model)
+    for name, module in model.named_modules():
         if isinstance(module, PreTrainedModel) and not output_capturing._CAN_RECORD_REGISTRY.get(module):
             output_capturing._CAN_RECORD_REGISTRY[module] = module._can_record_outputs
         if getattr(module, "_vitcompress_records_outputs", False):
             continue
         if isinstance(module, HeadFactorizedAttention):
+            if any(name.startswith(f"{container}.") for container in containers):
+                continue  # a module around it (Swin's stage) records the attention weights it returns
             _install_output_hook(module, "attentions", 1)
         elif isinstance(module, SkippedBlock):
             _install_output_hook(module, "hidden_states", 0)
         else:
             continue
         module._vitcompress_records_outputs = True
+
+
+def _attention_recording_containers(model: nn.Module) -> list[str]:
+    """Names of the modules of ``model`` that transformers records ``attentions`` from. Usually those are the
+    attentions themselves (``ViTAttention``), which a head-factorized attention replaces; Swin records each stage's
+    last attention weights from the ``SwinStage`` output, and a head-factorized attention inside one must not
+    record as well."""
+    classes = set()
+    for module in model.modules():
+        if isinstance(module, PreTrainedModel):
+            recorder = (getattr(module, "_can_record_outputs", None) or {}).get("attentions")
+            target = getattr(recorder, "target_class", recorder)
+            if isinstance(target, type):
+                classes.add(target)
+    return [name for name, module in model.named_modules() if classes and isinstance(module, tuple(classes))]
 
 
 def _asks_for_outputs(model: nn.Module, kwargs: dict[str, Any]) -> bool:
@@ -281,6 +300,21 @@ def _recording_forward(base_forward: Callable) -> Callable:
 
 
 # -- classes and registration -----------------------------------------------------------------------
+def make_compressed_config_class(base_config: type, model_type: str, module: str) -> type:
+    """``Compressed<BaseConfig>``: ``base_config`` plus the compression config, plan and provenance, under its own
+    ``model_type`` (so that a plain transformers install refuses the checkpoint instead of loading it wrong).
+    Assign it to a module-level name equal to its ``__name__`` in ``module``."""
+    fields = ("compression_config", "compression_plan", "compression_provenance")
+    namespace = {
+        "__module__": module,
+        "__doc__": f"``{base_config.__name__}`` plus the compression config and plan, under its own ``model_type``.",
+        "__annotations__": dict.fromkeys(fields, dict | None),
+        "model_type": model_type,
+        **dict.fromkeys(fields),
+    }
+    return strict(type(f"Compressed{base_config.__name__}", (CompressedConfigMixin, base_config), namespace))
+
+
 def make_compressed_model_class(base_class: type, config_class: type, module: str) -> type:
     """``Compressed<Base>``: ``base_class`` whose listed linears are rebuilt from the plan.
 
@@ -374,6 +408,7 @@ __all__ = [
     "PlanMismatchError",
     "auto_map_for",
     "install_output_recorders",
+    "make_compressed_config_class",
     "make_compressed_model_class",
     "planned_key_filter",
     "register_family_classes",

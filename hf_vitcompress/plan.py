@@ -16,6 +16,7 @@ from .attention import (
     HeadFactorizedAttention,
     attention_heads,
     attention_projection_names,
+    head_factorized_like,
     head_factorized_parameter_count,
 )
 from .layers import IMPLEMENTATIONS, LowRankLinear, SkippedBlock, low_rank_parameter_count
@@ -212,17 +213,8 @@ def _head_factorized_for(name: str, current: nn.Module, layer: LayerPlan) -> Hea
             f"The compression plan expects {name!r} to have width {layer.in_features} and {len(layer.qk_ranks)} heads "
             f"of {layer.head_dim}; the model has width {projections[0].in_features} and {heads} heads of {head_dim}."
         )
-    weight = projections[0].weight
-    return HeadFactorizedAttention(
-        current.config,
-        layer.in_features,
-        layer.head_dim,
-        layer.qk_ranks,
-        layer.vo_ranks,
-        qk_bias=bool(layer.qk_bias),
-        out_bias=layer.bias,
-        device=weight.device,
-        dtype=weight.dtype,
+    return head_factorized_like(
+        current, layer.head_dim, layer.qk_ranks, layer.vo_ranks, qk_bias=bool(layer.qk_bias), out_bias=layer.bias
     )
 
 

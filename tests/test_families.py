@@ -30,11 +30,20 @@ from transformers import (
     Dinov2WithRegistersModel,
     SiglipVisionConfig,
     SiglipVisionModel,
+    SwinBackbone,
+    SwinConfig,
+    SwinForImageClassification,
+    SwinModel,
+    Swinv2Backbone,
+    Swinv2Config,
+    Swinv2ForImageClassification,
+    Swinv2Model,
 )
 
 from hf_vitcompress import CompressionConfig, compress, count_parameters
 from hf_vitcompress.attention import HeadFactorizedAttention
 from hf_vitcompress.calibration.validation import output_of
+from hf_vitcompress.compress import resolve_targets
 from hf_vitcompress.evaluation import count_macs
 from hf_vitcompress.families import family_for
 
@@ -369,3 +378,143 @@ def test_data2vec_vision_is_factorized_reloads_and_refuses_the_head_methods(tmp_
     for method in ("head_factorization", "pruning"):
         with pytest.raises(ValueError, match=f"method='{method}' does not handle {dense_class.__name__} yet"):
             compress(dense, METHODS[method], images(), progress=False)
+
+
+# -- Swin / Swin-v2: blocks in stages, windowed attention with its own bias, patch merging ----------------------
+SWIN = [SwinModel, SwinForImageClassification, SwinBackbone]
+SWINV2 = [Swinv2Model, Swinv2ForImageClassification, Swinv2Backbone]
+
+
+def tiny_swin(cls: type) -> torch.nn.Module:
+    """A tiny Swin (or Swin-v2) on 32 px: an 8 x 8 token grid in 4 x 4 windows, so the second block of stage 0
+    shifts its windows (and masks across their seams), then a patch merging to a 4 x 4 grid. The relative
+    position tables and the biases are random (transformers starts the tables at zero)."""
+    torch.manual_seed(0)
+    config_class = Swinv2Config if cls in SWINV2 else SwinConfig
+    config = config_class(
+        image_size=32, patch_size=4, embed_dim=16, depths=[2, 2], num_heads=[2, 4], window_size=4, num_labels=5
+    )
+    if cls in (SwinBackbone, Swinv2Backbone):
+        config.out_features = ["stage1", "stage2"]
+    model = cls(config).eval()
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "relative_position_bias_table" in name:
+                parameter.normal_(0, 0.5)
+            elif name.endswith(".bias"):
+                parameter.normal_(0, 0.1)
+    return model
+
+
+SWIN_CASES = [(cls, method) for cls in SWIN for method in ("activation_aware", "head_factorization")] + [
+    (cls, "activation_aware") for cls in SWINV2
+]
+
+
+@pytest.mark.parametrize(("dense_class", "method"), SWIN_CASES, ids=lambda case: getattr(case, "__name__", case))
+def test_swin_compresses_meets_its_budget_reloads_and_keeps_everything_exactly(tmp_path, dense_class, method):
+    dense = tiny_swin(dense_class)
+    pixels = images(16, 32, 32)
+    small = compress(dense, METHODS[method], pixels, progress=False)
+    family = family_for(dense)
+    assert type(small) is family.compressed_classes[dense_class]
+    assert small.config.model_type == family.config_class.model_type
+    plan = small.compression_plan
+    assert count_parameters(small) == plan.parameters <= 0.6 * count_parameters(dense)
+    stages = {name.split("layers.", 1)[1].split(".", 1)[0] for name in plan.layers}
+    assert stages == {"0", "1"}  # blocks of both stages
+    if method == "activation_aware":  # the patch merging between the stages is a target too
+        _, extra = resolve_targets(dense, family, None)
+        assert [name.split("encoder.", 1)[1] for name in extra] == ["layers.0.downsample.reduction"]
+    else:
+        assert sum(isinstance(m, HeadFactorizedAttention) for m in small.modules()) == 4
+    loaded = reload(small, tmp_path)
+    assert type(loaded) is type(small) and same_weights(loaded, small)
+    other_size = images(3, 40, 48)  # Swin pads to whole windows: any size runs
+    assert torch.equal(features(loaded, other_size), features(small, other_size))
+    keep_all = compress(dense, KEEP_ALL[method], pixels, progress=False)
+    torch.testing.assert_close(features(keep_all, other_size), features(dense, other_size), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["activation_aware", "head_factorization"])
+def test_swin_records_outputs_as_the_dense_one(method):
+    """Swin records one hidden state and one attention per stage; at full rank they are the dense ones."""
+    dense = tiny_swin(SwinForImageClassification)
+    dense.set_attn_implementation("eager")
+    small = compress(dense, KEEP_ALL[method], images(16, 32, 32), progress=False)
+    with torch.no_grad():
+        got, want = (
+            m(pixel_values=images(2, 32, 32), output_attentions=True, output_hidden_states=True) for m in (small, dense)
+        )
+    assert len(got.attentions) == len(want.attentions) == 2 and len(got.hidden_states) == 3
+    for recorded, truth in zip(
+        (*got.attentions, *got.hidden_states, *got.reshaped_hidden_states),
+        (*want.attentions, *want.hidden_states, *want.reshaped_hidden_states),
+        strict=True,
+    ):
+        torch.testing.assert_close(recorded, truth, rtol=1e-4, atol=1e-5)
+
+
+def test_a_head_factorized_swin_attention_keeps_its_bias_rows_and_the_window_mask():
+    """Swin's attention adds its own per-head bias and the shifted-window mask; an attention that dropped a
+    head must add each kept head's own bias row, and the mask of each window, as the dense one does."""
+    from hf_vitcompress.methods.head_factorization.factorization import build_head_factorized, factorize_attention
+
+    attention = tiny_swin(SwinModel).encoder.layers[1].blocks[0].attention  # 4 heads of 8
+    dead = slice(8, 16)  # head 1 contributes nothing: its value rows and output columns are zero
+    with torch.no_grad():
+        attention.v_proj.weight[dead] = 0
+        attention.v_proj.bias[dead] = 0
+        attention.o_proj.weight[:, dead] = 0
+    ranks = [8, 0, 8, 8]
+    module = build_head_factorized(attention, factorize_attention(attention, None), ranks, ranks)
+    assert module.num_heads == 3
+    hidden = torch.randn(6, 16, 32, generator=torch.Generator().manual_seed(3))  # 2 images x 3 windows
+    mask = torch.randn(3, 16, 16, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        for window_mask in (None, mask):
+            torch.testing.assert_close(module(hidden, window_mask)[0], attention(hidden, window_mask)[0])
+
+
+@pytest.mark.parametrize("dense_class", [SwinForImageClassification, Swinv2Backbone], ids=lambda cls: cls.__name__)
+def test_the_patch_merging_of_a_swin_is_factorized_and_reloads(tmp_path, dense_class):
+    dense = tiny_swin(dense_class)
+    config = dataclasses.replace(METHODS["activation_aware"], target_param_ratio=0.98, target_modules=["reduction"])
+    small = compress(dense, config, images(16, 32, 32), progress=False)
+    (name,) = small.compression_plan.layers
+    assert name.endswith("encoder.layers.0.downsample.reduction") and small.compression_plan.layers[name].rank
+    loaded = reload(small, tmp_path)
+    assert same_weights(loaded, small) and torch.equal(
+        features(loaded, images(2, 32, 32)), features(small, images(2, 32, 32))
+    )
+
+
+def test_swin_refuses_what_does_not_apply_and_says_what_works():
+    swin, swinv2 = tiny_swin(SwinModel), tiny_swin(Swinv2Model)
+    with pytest.raises(ValueError, match="method='pruning' does not handle SwinModel yet.*'activation_aware' or"):
+        compress(swin, METHODS["pruning"], images(16, 32, 32), progress=False)
+    with pytest.raises(ValueError, match="method='head_factorization' does not handle Swinv2Model"):
+        compress(swinv2, METHODS["head_factorization"], images(16, 32, 32), progress=False)
+    sequential = dataclasses.replace(METHODS["activation_aware"], sequential=True)
+    with pytest.raises(ValueError, match="stages with a patch merging between them"):
+        compress(swin, sequential, images(16, 32, 32), progress=False)
+
+
+@pytest.mark.parametrize("dense_class", [SwinModel, Swinv2Model], ids=lambda cls: cls.__name__)
+def test_the_macs_of_a_swin_match_a_hand_count(dense_class):
+    """Windowed attention: per window of 16 tokens, 16 x 16 scores and weighted sums per channel; the linears
+    per token; the patch embedding and merging; Swin-v2's position-bias MLP runs once per block."""
+    dense = tiny_swin(dense_class)
+    tokens, windows, width = (64, 16), (4, 1), (16, 32)
+    blocks = 0
+    for stage in range(2):
+        n, d = tokens[stage], width[stage]
+        linears = 2 * n * (4 * d * d + 2 * 4 * d * d)  # two blocks: q, k, v, o and the 4x MLP
+        attention = 2 * windows[stage] * 16 * 16 * 2 * d
+        blocks += linears + attention
+    merging = 16 * 64 * 32
+    embedding = 64 * 16 * 3 * 4 * 4
+    expected = embedding + blocks + merging
+    if dense_class is Swinv2Model:  # continuous_position_bias_mlp: a 2 -> 512 -> heads MLP on the 7 x 7 table
+        expected += 2 * 49 * (2 * 512 + 512 * 2) + 2 * 49 * (2 * 512 + 512 * 4)
+    assert count_macs(dense, images(1, 32, 32)) == expected

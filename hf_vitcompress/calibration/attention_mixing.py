@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..attention import attention_heads
+from ..attention import attention_heads, with_own_position_bias
 from .distributed import CalibrationProcesses
 
 
@@ -45,6 +45,7 @@ def _update(attention: nn.Module, into: HeadMixingStatistics, hidden: torch.Tens
     query = attention.q_proj(hidden).float().view(batch, tokens, heads, head_dim).transpose(1, 2)
     key = attention.k_proj(hidden).float().view(batch, tokens, heads, head_dim).transpose(1, 2)
     scores = query @ key.transpose(-1, -2) * scaling
+    mask = with_own_position_bias(attention, mask, batch)  # Swin's bias lives in the attention, not in the mask
     if mask is not None:
         scores = scores + mask.float()
     probabilities = scores.softmax(-1)  # [batch, heads, tokens, tokens]

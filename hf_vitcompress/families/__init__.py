@@ -11,6 +11,8 @@ from .data2vec_vision import DATA2VEC_VISION_FAMILY
 from .deit import DEIT_FAMILY
 from .dinov2 import DINOV2_FAMILY, DINOV2_WITH_REGISTERS_FAMILY
 from .siglip import SIGLIP_VISION_FAMILY
+from .swin import SWIN_FAMILY
+from .swinv2 import SWINV2_FAMILY
 from .vit import VIT_FAMILY
 
 FAMILIES: tuple[FamilyAdapter, ...] = (
@@ -22,6 +24,8 @@ FAMILIES: tuple[FamilyAdapter, ...] = (
     SIGLIP_VISION_FAMILY,
     BEIT_FAMILY,
     DATA2VEC_VISION_FAMILY,
+    SWIN_FAMILY,
+    SWINV2_FAMILY,
 )
 
 
@@ -33,7 +37,7 @@ def family_for(model: nn.Module) -> FamilyAdapter:
     names = ", ".join(cls.__name__ for family in FAMILIES for cls in family.compressed_classes)
     raise TypeError(
         f"hf_vitcompress has no adapter for {type(model).__name__}. Supported models: {names}. "
-        "Other families (Swin, timm, full CLIP/SigLIP models) need an adapter in hf_vitcompress/families/."
+        "Other families (timm, full CLIP/SigLIP models) need an adapter in hf_vitcompress/families/."
     )
 
 

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from torch import nn
+
+from ..modeling_utils import make_compressed_model_class, register_family_classes
 
 
 @dataclass(frozen=True)
@@ -16,7 +19,12 @@ class FamilyAdapter:
     Paths in ``linear_groups`` that a block does not have are skipped, so one adapter can list the
     variants of a family (DINOv2's GELU MLP ``fc1``/``fc2`` and its SwiGLU ``gate_proj``/``up_proj``/``down_proj``).
     ``block_path`` is where the ``ModuleList`` of blocks lives in the bare model (``layers`` for ViT,
-    ``encoder.layer`` for DINOv2); a task model holds the bare one at ``backbone_attr``.
+    ``encoder.layer`` for DINOv2); a task model holds the bare one at ``backbone_attr``. A ``*`` in it stands
+    for every entry of a ``ModuleList`` (Swin's ``encoder.layers.*.blocks``: stages of blocks): the blocks are
+    then those of every stage, in order, and not one chain (a stage ends in a patch merging that changes
+    width and token count), so block-by-block calibration refuses such a family (:attr:`chained`).
+    ``extra_linear_paths`` are linears outside the blocks that are compressed by default too (Swin's patch
+    merging ``reduction``), with the same ``*`` rule.
     ``shared_input_groups`` are the indices of groups that are *all* the input projections of their
     parent module, whose ``forward`` reads its input only through them and its leading shape (ViT's
     attention): those may share one down-projection (:mod:`hf_vitcompress.shared_input`).
@@ -31,6 +39,10 @@ class FamilyAdapter:
     config_class: type | None = None
     shared_input_groups: tuple[int, ...] = ()
     block_path: str = "layers"
+    extra_linear_paths: tuple[str, ...] = ()
+    # Attributes the family's own forward overwrites (Swin's layers clamp shift_size / window_size to the first
+    # small input they see, and keep the clamp): compress() puts them back after its forwards (forward_state_of).
+    forward_state: tuple[str, ...] = ()
     # The compression methods that handle this family's blocks (pruning needs ViT's attention / mlp names).
     methods: tuple[str, ...] = ("activation_aware", "head_factorization", "pruning")
 
@@ -42,26 +54,67 @@ class FamilyAdapter:
     def handles(self, model: nn.Module) -> bool:
         return isinstance(model, self.pretrained_class)
 
+    @property
+    def chained(self) -> bool:
+        """Whether each block's output is the next block's input (false for stages of blocks, see ``block_path``)."""
+        return "*" not in self.block_path
+
     def block_list_name(self, model: nn.Module) -> str:
-        """Dotted path of the ``ModuleList`` of encoder blocks inside ``model``."""
+        """Where the blocks of ``model`` are: ``block_path``, or ``{backbone_attr}.{block_path}`` in a task model."""
         for path in (self.block_path, f"{self.backbone_attr}.{self.block_path}"):
-            try:
-                if isinstance(model.get_submodule(path), nn.ModuleList):
-                    return path
-            except AttributeError:
-                continue
+            if _expand(model, path):
+                return path
         raise ValueError(
             f"Cannot find the encoder blocks of {type(model).__name__} (expected `.{self.block_path}` or "
             f"`.{self.backbone_attr}.{self.block_path}`)."
         )
 
-    def blocks(self, model: nn.Module) -> nn.ModuleList:
-        return model.get_submodule(self.block_list_name(model))
+    def block_names(self, model: nn.Module) -> list[str]:
+        """Full module names of the encoder blocks of ``model``, in the order data flows through them."""
+        return [
+            f"{prefix}.{index}"
+            for prefix in _expand(model, self.block_list_name(model))
+            for index in range(len(model.get_submodule(prefix)))
+        ]
+
+    def blocks(self, model: nn.Module) -> list[nn.Module]:
+        return [model.get_submodule(name) for name in self.block_names(model)]
+
+    def extra_linear_names(self, model: nn.Module) -> list[str]:
+        """Full names of the ``extra_linear_paths`` linears of ``model`` (its default targets outside the blocks)."""
+        root = self.block_list_name(model)[: -len(self.block_path)]  # "" or "{backbone_attr}."
+        names = []
+        for path in self.extra_linear_paths:
+            parent, _, leaf = path.rpartition(".")
+            for prefix in _expand(model, f"{root}{parent}", kind=nn.Module):
+                if isinstance(getattr(model.get_submodule(prefix), leaf, None), nn.Linear):
+                    names.append(f"{prefix}.{leaf}")
+        return names
+
+    def forward_state_of(self, model: nn.Module) -> dict[str, dict[str, Any]]:
+        """The ``forward_state`` attributes of every module of ``model`` that has them, by module name."""
+        if not self.forward_state:
+            return {}
+        return {
+            name: {attribute: getattr(module, attribute) for attribute in self.forward_state}
+            for name, module in model.named_modules()
+            if all(hasattr(module, attribute) for attribute in self.forward_state)
+        }
+
+    def restore_forward_state(self, model: nn.Module, state: dict[str, dict[str, Any]]) -> None:
+        """Put back what :meth:`forward_state_of` recorded (in ``model`` or a compressed copy, same module names)."""
+        for name, attributes in state.items():
+            try:
+                module = model.get_submodule(name)
+            except AttributeError:
+                continue
+            for attribute, value in attributes.items():
+                setattr(module, attribute, value)
 
     def block_linear_names(self, model: nn.Module) -> list[list[list[str]]]:
         """``[block][group][linear]`` full module names, in data-flow order."""
-        prefix = self.block_list_name(model)
-        blocks = self.blocks(model)
+        names = self.block_names(model)
+        blocks = [model.get_submodule(name) for name in names]
 
         def is_linear(index: int, path: str) -> bool:  # a user may have replaced a linear with something else
             try:
@@ -70,7 +123,7 @@ class FamilyAdapter:
                 return False
 
         return [
-            [[f"{prefix}.{index}.{path}" for path in group if is_linear(index, path)] for group in self.linear_groups]
+            [[f"{names[index]}.{path}" for path in group if is_linear(index, path)] for group in self.linear_groups]
             for index in range(len(blocks))
         ]
 
@@ -96,3 +149,37 @@ class FamilyAdapter:
                 "Load the checkpoint with one of them (AutoModelForImageClassification or AutoModel)."
             )
         return self.compressed_classes[cls]
+
+
+def _expand(model: nn.Module, path: str, kind: type = nn.ModuleList) -> list[str]:
+    """The module names ``path`` stands for in ``model`` (each ``*`` is every index of a ``ModuleList``), keeping
+    those that are a ``kind``; ``[]`` where the path does not exist."""
+    names = [""]
+    for part in path.split("."):
+        expanded = []
+        for name in names:
+            try:
+                module = model.get_submodule(name) if name else model
+            except AttributeError:
+                continue
+            if part == "*":
+                if isinstance(module, nn.ModuleList):
+                    expanded.extend(f"{name}.{index}" if name else str(index) for index in range(len(module)))
+            elif isinstance(getattr(module, part, None), nn.Module):
+                expanded.append(f"{name}.{part}" if name else part)
+        names = expanded
+    return [name for name in names if isinstance(model.get_submodule(name), kind)]
+
+
+def build_family(
+    module: str,
+    config_class: type,
+    classes: dict[type, str | None],
+    **facts,
+) -> FamilyAdapter:
+    """The adapter of a family whose dense classes are ``classes`` (each with the Auto class it registers with,
+    or ``None``): makes their compressed classes in ``module``, registers them, and records the ``facts``
+    (the other :class:`FamilyAdapter` fields). The compressed classes are ``adapter.compressed_classes``."""
+    compressed = {dense: make_compressed_model_class(dense, config_class, module) for dense in classes}
+    register_family_classes(config_class, {auto: compressed[dense] for dense, auto in classes.items() if auto})
+    return FamilyAdapter(compressed_classes=compressed, config_class=config_class, **facts)

@@ -153,19 +153,16 @@ def build_head_factorized(
     attention: nn.Module, factorization: AttentionFactorization, qk_ranks: list[int], vo_ranks: list[int]
 ):
     """A :class:`~hf_vitcompress.attention.HeadFactorizedAttention` holding the given ranks' factors."""
-    from ...attention import HeadFactorizedAttention
+    from ...attention import head_factorized_like
 
     reference = attention.q_proj.weight
-    module = HeadFactorizedAttention(
-        attention.config,
-        hidden_size=reference.shape[1],
-        head_dim=factorization.head_dim,
-        qk_ranks=qk_ranks,
-        vo_ranks=vo_ranks,
+    module = head_factorized_like(
+        attention,
+        factorization.head_dim,
+        qk_ranks,
+        vo_ranks,
         qk_bias=factorization.qk_bias,
         out_bias=factorization.out_bias is not None,
-        device=reference.device,
-        dtype=reference.dtype,
     )
     active = [h for h, r in enumerate(vo_ranks) if r > 0]
     lefts, rights, downs, ups = [], [], [], []

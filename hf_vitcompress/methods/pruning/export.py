@@ -22,7 +22,7 @@ import copy
 import torch
 from torch import nn
 
-from ...attention import HeadFactorizedAttention
+from ...attention import HeadFactorizedAttention, head_factorized_like
 from ...layers import SkippedBlock
 from ...plan import CompressionPlan, LayerPlan, count_parameters, set_submodule
 from .structure import BlockPruning, PrunableModel, mlp_layout
@@ -41,16 +41,8 @@ def pruned_attention(attention: nn.Module, block: BlockPruning) -> tuple[HeadFac
     qk_ranks = [head_dim if h in block.heads else 0 for h in range(heads)]
     vo_ranks = [block.value_dim if h in block.heads else 0 for h in range(heads)]
     out_bias = o.bias is not None or v.bias is not None
-    module = HeadFactorizedAttention(
-        attention.config,
-        hidden,
-        head_dim,
-        qk_ranks,
-        vo_ranks,
-        qk_bias=q.bias is not None,
-        out_bias=out_bias,
-        device=q.weight.device,
-        dtype=q.weight.dtype,
+    module = head_factorized_like(
+        attention, head_dim, qk_ranks, vo_ranks, qk_bias=q.bias is not None, out_bias=out_bias
     )
     module.qk_left.weight.copy_(q.weight[qk_rows])
     if q.bias is not None:

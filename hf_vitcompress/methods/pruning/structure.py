@@ -102,17 +102,17 @@ class PrunableModel:
     def of(cls, model: nn.Module) -> PrunableModel:
         """Inspect ``model`` (a dense ViT/DeiT): one forward pass counts its MACs and its token count."""
         family = family_for(model)
-        prefix = family.block_list_name(model)
-        blocks = family.blocks(model)
+        names = family.block_names(model)
+        blocks = [model.get_submodule(name) for name in names]
         shapes, layouts = [], set()
-        for index, block in enumerate(blocks):
+        for name, block in zip(names, blocks, strict=True):
             attention = getattr(block, "attention", None)
             mlp = getattr(block, "mlp", None)
             projections = [getattr(attention, name, None) for name in ATTENTION_PROJECTIONS]
             layout = mlp_layout(mlp) if mlp is not None else None
             if not all(isinstance(p, nn.Linear) for p in projections) or layout is None:
                 raise PruningError(
-                    f"Block {prefix}.{index} of {type(model).__name__} is not a dense attention (q_proj/k_proj/v_proj/"
+                    f"Block {name} of {type(model).__name__} is not a dense attention (q_proj/k_proj/v_proj/"
                     "o_proj) + MLP (fc1/fc2, or SwiGLU gate_proj/up_proj/down_proj) block: structured pruning needs the "
                     "dense model (prune before factorizing, and do not prune an already pruned model)."
                 )
@@ -136,7 +136,7 @@ class PrunableModel:
         mlp_inputs = len(next(iter(layouts))[0])
         partial = cls([], [], hidden, seen[0], 0, mlp_inputs)
         fixed = total - sum(partial.block_macs(shape) for shape in shapes)  # dense blocks cost the same everywhere
-        return cls([f"{prefix}.{i}" for i in range(len(blocks))], shapes, hidden, seen[0], fixed, mlp_inputs)
+        return cls(names, shapes, hidden, seen[0], fixed, mlp_inputs)
 
     # -- MACs --------------------------------------------------------------------------------------
     def attention_macs(self, heads: Any, head_dim: Any, value_dim: Any, padded: bool = True) -> Any:
