@@ -205,6 +205,31 @@ def test_the_cli_compresses_a_backbone_as_a_backbone(tmp_path, capsys, dense_cla
     assert f"saved as Compressed{dense_class}, which has no image classifier" in capsys.readouterr().err
 
 
+def test_the_cli_compresses_and_evaluates_a_swin_classifier(tmp_path):
+    """A Swin checkpoint (blocks in stages) goes through compress and evaluate like a ViT: the family comes from
+    the checkpoint, and evaluate reports both models on the same images."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.SwinConfig(
+        image_size=28, patch_size=4, num_channels=1, embed_dim=16, depths=[2, 2], num_heads=[2, 4], window_size=4
+    )
+    config.num_labels = 10
+    transformers.SwinForImageClassification(config).save_pretrained(tmp_path / "dense")
+    out = tmp_path / "small"
+    args = ["--model", str(tmp_path / "dense"), "--output", str(out), "--calibration-samples", "32"]
+    assert main(["compress", "--quiet", "--method", "head_factorization", "--target-param-ratio", "0.7", *args]) == 0
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["architectures"] == ["CompressedSwinForImageClassification"]
+    assert saved["model_type"] == "vitcompress_swin"
+    report = tmp_path / "eval.json"
+    evaluate = ["evaluate", "--quiet", "--model", str(out), "--limit", "64", "--repeats", "1", "--json", str(report)]
+    assert main([*evaluate, "--latency-batch-size", "4"]) == 0
+    dense_row, compressed_row = json.loads(report.read_text())
+    assert compressed_row["parameters"] <= 0.7 * dense_row["parameters"]
+    assert compressed_row["macs"] < dense_row["macs"]
+
+
 def test_console_script_is_installed(capsys):
     """The ``hf-vitcompress`` entry point is installed and is ``main`` (checked in-process: starting a second
     interpreter only re-measures how long torch takes to import)."""

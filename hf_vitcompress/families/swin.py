@@ -11,6 +11,8 @@ checkpoint name, and adds the kept heads' rows to the scores with the shifted-wi
 transformers' ``SwinLayer`` clamps its ``shift_size`` and ``window_size`` to the first input grid no larger than a
 window and keeps them (a dense model run once at such a size computes differently at larger sizes afterwards):
 ``compress`` restores them, on the model it was given and on the result, to what they were before its forwards.
+(transformers 5.24's dense Swin also fails outright when a stage's grid is smaller than its window, e.g. 28 px
+inputs with ``window_size=7``: its bias table is built for the full window; compressed models share the limit.)
 Not handled:
 
 - block-by-block calibration (``sequential``, ``compensation_rank``): the stages are not one chain of blocks
