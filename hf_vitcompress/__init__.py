@@ -12,6 +12,8 @@ from .configuration import CompressionConfig
 from .evaluation import EvaluationReport, evaluate_model
 from .families.beit import CompressedBeitConfig, CompressedBeitForImageClassification, CompressedBeitModel
 from .families.clip import (
+    CompressedCLIPConfig,
+    CompressedCLIPModel,
     CompressedCLIPVisionConfig,
     CompressedCLIPVisionModel,
     CompressedCLIPVisionModelWithProjection,
@@ -37,7 +39,12 @@ from .families.dinov2 import (
     CompressedDinov2WithRegistersForImageClassification,
     CompressedDinov2WithRegistersModel,
 )
-from .families.siglip import CompressedSiglipVisionConfig, CompressedSiglipVisionModel
+from .families.siglip import (
+    CompressedSiglipConfig,
+    CompressedSiglipModel,
+    CompressedSiglipVisionConfig,
+    CompressedSiglipVisionModel,
+)
 from .families.swin import (
     CompressedSwinBackbone,
     CompressedSwinConfig,
@@ -112,6 +119,8 @@ __all__ = [
     "CompressedBeitConfig",
     "CompressedBeitForImageClassification",
     "CompressedBeitModel",
+    "CompressedCLIPConfig",
+    "CompressedCLIPModel",
     "CompressedCLIPVisionConfig",
     "CompressedCLIPVisionModel",
     "CompressedCLIPVisionModelWithProjection",
@@ -130,6 +139,8 @@ __all__ = [
     "CompressedDinov2WithRegistersConfig",
     "CompressedDinov2WithRegistersForImageClassification",
     "CompressedDinov2WithRegistersModel",
+    "CompressedSiglipConfig",
+    "CompressedSiglipModel",
     "CompressedSiglipVisionConfig",
     "CompressedSiglipVisionModel",
     "CompressedSwinBackbone",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 from collections.abc import Iterator
 from typing import Any
@@ -27,7 +28,7 @@ from .methods.head_factorization.method import ATTENTION_PROJECTIONS, compress_h
 from .methods.pruning.export import export_pruned
 from .methods.pruning.method import plan_pruning
 from .modeling_utils import CompressedModelMixin
-from .plan import CompressionPlan
+from .plan import CompressionPlan, count_parameters
 
 
 def resolve_targets(
@@ -178,6 +179,8 @@ def compress(
         raise ValueError("This model is already compressed; compress the original dense model instead.")
     family = family_for(model)
     family.compressed_class_for(model)  # refuses unsupported model classes before any work
+    if family.image_tower is not None:
+        return compress_image_tower(model, family, config, calibration_data, progress=progress, distributed=distributed)
     if config.method not in family.methods:
         raise ValueError(
             f"method={config.method!r} does not handle {type(model).__name__} yet: its blocks lack the layout that "
@@ -315,6 +318,56 @@ def _in_dtype(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     if next(model.parameters()).dtype != dtype:
         model.to(dtype)
     return model
+
+
+def compress_image_tower(
+    model: PreTrainedModel,
+    family: FamilyAdapter,
+    config: CompressionConfig,
+    calibration_data: Any,
+    *,
+    progress: bool,
+    distributed: bool,
+) -> PreTrainedModel:
+    """A two-tower model (``CLIPModel``, ``SiglipModel``) with its image tower compressed and its text tower and
+    projections as they were, so that zero-shot classification and retrieval still run.
+
+    The tower (``family.image_tower``: e.g. a ``CLIPVisionModelWithProjection`` made of the model's own
+    ``vision_model`` and ``visual_projection``, measured on the image embeddings) is compressed as that family
+    compresses it, on images alone; its modules then replace the model's in a copy. ``target_param_ratio`` is the
+    tower's; the plan counts the whole model's parameters, and the provenance records the tower's own counts.
+    """
+    tower = family.image_tower(model)
+    small_tower = compress(tower, config, calibration_data, progress=progress, distributed=distributed)
+    tower_config, tower_plan = small_tower.config, small_tower.compression_plan
+    report, provenance = small_tower.compression_report, tower_config.compression_provenance
+    full = copy.deepcopy(model)  # the text tower, untouched
+    renamed: dict[str, str] = {}  # the tower's module names -> the full model's
+    for child, attribute in family.image_tower_parts:
+        part = small_tower.get_submodule(attribute) if attribute else small_tower
+        if part is small_tower:  # the tower itself becomes the full model's child again: its dense class
+            part.__class__ = type(tower)
+        setattr(full, child, part)
+        for name, _ in part.named_modules():
+            renamed[f"{attribute}.{name}".strip(".")] = f"{child}.{name}".rstrip(".")
+    for module in full.modules():  # the tower's modules follow the full model's vision config again
+        if getattr(module, "config", None) is tower_config:
+            module.config = full.config.vision_config
+    plan = dataclasses.replace(
+        tower_plan,
+        layers={renamed[name]: layer for name, layer in tower_plan.layers.items()},
+        dense_parameters=count_parameters(model),
+        parameters=count_parameters(full),
+    )
+    compressed = finish_compressed(full, model, config, plan, report, provenance["calibration_images"])
+    recorded = compressed.config.compression_provenance
+    recorded.update({key: value for key, value in provenance.items() if key not in recorded})
+    recorded["image_tower"] = {
+        "class": type(tower).__name__,
+        "dense_parameters": tower_plan.dense_parameters,
+        "parameters": tower_plan.parameters,
+    }
+    return compressed
 
 
 def finish_compressed(

@@ -44,7 +44,8 @@ def _attention_projections(module: nn.Module) -> tuple[nn.Module, nn.Module] | N
 
 @torch.no_grad()
 def count_macs(model: nn.Module, pixel_values: torch.Tensor, attn_implementation: str | None = None) -> int:
-    """Multiply-accumulates per image of one forward pass on ``pixel_values``.
+    """Multiply-accumulates per image of one forward pass on ``pixel_values`` (of the image tower, for a two-tower
+    model such as ``CLIPModel``).
 
     ``attn_implementation`` (e.g. ``"eager"``, ``"sdpa"``) counts what the model would run under that
     attention implementation instead of its current one: a :class:`HeadFactorizedAttention` with unequal
@@ -91,8 +92,10 @@ def count_macs(model: nn.Module, pixel_values: torch.Tensor, attn_implementation
             handles.append(module.register_forward_hook(attention_hook, with_kwargs=True))
         elif isinstance(module, nn.MultiheadAttention):  # SigLIP's pooling head: projections run as F.linear
             handles.append(module.register_forward_hook(multihead_hook, with_kwargs=True))
+    # a two-tower model (CLIPModel, SiglipModel): its image path, the part compression changes
+    forward = model.get_image_features if hasattr(model, "get_text_features") else model
     try:
-        model(pixel_values=pixel_values)
+        forward(pixel_values=pixel_values)
     finally:
         for handle in handles:
             handle.remove()

@@ -22,7 +22,7 @@ from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 from torch import nn
 
-from .calibration.data import image_size_of, interpolated_positions
+from .calibration.data import image_config_of, image_size_of, interpolated_positions
 from .data import DEFAULT_MODEL_DIR
 from .evaluation import EvaluationReport, count_macs, dense_architecture
 from .plan import CompressionPlan, count_parameters
@@ -343,7 +343,8 @@ def build_model_card(
     # Counted at the resolution the compression counted its budget at (pruning calibrated at another size
     # than config.image_size records it), else at config.image_size; the card names it.
     image_size = tuple(provenance.get("macs_image_size") or image_size_of(config))
-    example = torch.zeros(1, config.num_channels, *image_size, dtype=parameter.dtype, device=parameter.device)
+    channels = image_config_of(config).num_channels
+    example = torch.zeros(1, channels, *image_size, dtype=parameter.dtype, device=parameter.device)
     was_training = model.training
     model.eval()
     try:
@@ -369,9 +370,18 @@ def build_model_card(
         calibration = "The calibration data was not recorded in this checkpoint."
 
     base = provenance.get("base_model")
-    # A backbone (Dinov2Model, Dinov2Backbone) is a feature extractor on the Hub, not a classifier.
-    task = "image-classification" if "ForImageClassification" in type(model).__name__ else "image-feature-extraction"
+    # A backbone (Dinov2Model, Dinov2Backbone) is a feature extractor on the Hub, not a classifier; a two-tower
+    # model (CLIPModel, SiglipModel) is a zero-shot classifier.
+    if "ForImageClassification" in type(model).__name__:
+        task = "image-classification"
+    elif hasattr(model, "get_text_features"):
+        task = "zero-shot-image-classification"
+    else:
+        task = "image-feature-extraction"
     variables["is_classifier"] = task == "image-classification"
+    variables["is_zero_shot"] = task == "zero-shot-image-classification"
+    if tower := provenance.get("image_tower"):
+        variables["image_tower_parameters"] = f"{tower['parameters']:,} of {tower['dense_parameters']:,}"
     card_tags = ["hf-vitcompress", "vision", task, "model-compression", method.replace("_", "-")]
     card_tags += [tag for tag in tags if tag not in card_tags]
     eval_results = _eval_results(report) if report is not None else []

@@ -175,6 +175,7 @@ def test_unreachable_ratio_leaves_nothing_behind(tmp_path, capsys):
         ("Dinov2Model", "vitcompress_dinov2"),
         ("Dinov2Backbone", "vitcompress_dinov2"),
         ("CLIPVisionModel", "vitcompress_clip_vision_model"),
+        ("CLIPModel", "vitcompress_clip"),
     ],
 )
 def test_the_cli_compresses_a_backbone_as_a_backbone(tmp_path, capsys, dense_class, model_type):
@@ -189,9 +190,14 @@ def test_the_cli_compresses_a_backbone_as_a_backbone(tmp_path, capsys, dense_cla
         dense = tiny_dinov2(getattr(transformers, dense_class), image_size=28, num_channels=1)  # Fashion-MNIST
     else:
         sizes = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4)
-        dense = transformers.CLIPVisionModel(
-            transformers.CLIPVisionConfig(**sizes, image_size=28, patch_size=4, num_channels=1)
-        )
+        vision = transformers.CLIPVisionConfig(**sizes, image_size=28, patch_size=4, num_channels=1)
+        if dense_class == "CLIPVisionModel":
+            dense = transformers.CLIPVisionModel(vision)
+        else:  # the image tower is compressed, the text tower kept: a zero-shot classifier still
+            text = dict(
+                sizes, vocab_size=99, max_position_embeddings=16, bos_token_id=0, eos_token_id=2, pad_token_id=1
+            )
+            dense = transformers.CLIPModel(transformers.CLIPConfig(text_config=text, vision_config=vision.to_dict()))
     dense.save_pretrained(tmp_path / "dense")
     out = tmp_path / "small"
     args = ["--model", str(tmp_path / "dense"), "--output", str(out), "--calibration-samples", "32"]
@@ -199,7 +205,10 @@ def test_the_cli_compresses_a_backbone_as_a_backbone(tmp_path, capsys, dense_cla
     saved = json.loads((out / "config.json").read_text())
     assert saved["architectures"] == [f"Compressed{dense_class}"] and saved["model_type"] == model_type
     assert main(["card", "--quiet", "--model", str(out)]) == 0
-    assert "pipeline_tag: image-feature-extraction" in (out / "README.md").read_text()
+    task = "zero-shot-image-classification" if dense_class == "CLIPModel" else "image-feature-extraction"
+    card = (out / "README.md").read_text()
+    assert f"pipeline_tag: {task}" in card
+    assert ("Only the\nimage tower is compressed" in card) == (dense_class == "CLIPModel")
     capsys.readouterr()
     assert main(["evaluate", "--model", str(out)]) == 2
     assert f"saved as Compressed{dense_class}, which has no image classifier" in capsys.readouterr().err

@@ -5,6 +5,7 @@ Each test compresses tiny random models built from configs; LayerScale is random
 method that dropped it or applied it twice would change the outputs checked here.
 """
 
+import copy
 import dataclasses
 
 import pytest
@@ -16,6 +17,8 @@ from transformers import (
     BeitConfig,
     BeitForImageClassification,
     BeitModel,
+    CLIPConfig,
+    CLIPModel,
     CLIPVisionConfig,
     CLIPVisionModel,
     CLIPVisionModelWithProjection,
@@ -28,6 +31,8 @@ from transformers import (
     Dinov2WithRegistersBackbone,
     Dinov2WithRegistersForImageClassification,
     Dinov2WithRegistersModel,
+    SiglipConfig,
+    SiglipModel,
     SiglipVisionConfig,
     SiglipVisionModel,
     SwinBackbone,
@@ -266,6 +271,79 @@ def test_a_vision_tower_records_outputs_as_the_dense_one(method, implementation)
     dense = tiny_tower(SiglipVisionModel)
     small = compress(dense, METHODS[method], images(), progress=False)
     check_recorded_outputs(small, dense, implementation)
+
+
+def tiny_two_towers(cls: type) -> torch.nn.Module:
+    """A tiny CLIPModel / SiglipModel with random biases (a misplaced or dropped bias would show)."""
+    torch.manual_seed(0)
+    sizes = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4)
+    text = dict(sizes, vocab_size=99, max_position_embeddings=16, bos_token_id=0, eos_token_id=2, pad_token_id=1)
+    vision = dict(sizes, image_size=16, patch_size=4)
+    if cls is CLIPModel:
+        config = CLIPConfig(text_config=text, vision_config=vision, projection_dim=24)
+    else:
+        config = SiglipConfig(text_config=text, vision_config=vision)
+    model = cls(config).eval()
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear) and module.bias is not None:
+                module.bias.normal_(0, 0.1)
+    return model
+
+
+def zero_shot(model, pixels) -> torch.Tensor:
+    """Image-text logits for three fixed prompts: what zero-shot classification ranks."""
+    prompts = torch.randint(3, 99, (3, 8), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        return model(input_ids=prompts, pixel_values=pixels).logits_per_image
+
+
+@pytest.mark.parametrize("method", ["activation_aware", "head_factorization"])
+@pytest.mark.parametrize("dense_class", [CLIPModel, SiglipModel], ids=lambda cls: cls.__name__)
+def test_the_image_tower_of_a_two_tower_model_is_compressed_and_zero_shot_still_runs(tmp_path, dense_class, method):
+    dense = tiny_two_towers(dense_class)
+    before = {name: tensor.clone() for name, tensor in dense.state_dict().items()}
+    small, family = compressed_as_its_family(dense, METHODS[method])
+    assert all(torch.equal(tensor, before[name]) for name, tensor in dense.state_dict().items())  # not modified
+    plan = small.compression_plan
+    assert plan.layers and all(name.startswith("vision_model.encoder.layers.") for name in plan.layers)
+    # the budget is the image tower's; the plan counts the whole model
+    tower = small.config.compression_provenance["image_tower"]
+    assert tower["parameters"] <= 0.6 * tower["dense_parameters"]
+    assert count_parameters(small) == plan.parameters and plan.dense_parameters == count_parameters(dense)
+    untouched = [name for name in before if not name.startswith("vision_model.")]  # text tower, projections
+    kept = small.state_dict()
+    assert untouched and all(torch.equal(kept[name], before[name]) for name in untouched)
+    with torch.no_grad():
+        text = dense.get_text_features(input_ids=torch.tensor([[3, 4, 5]]))
+        assert torch.equal(
+            small.get_text_features(input_ids=torch.tensor([[3, 4, 5]])).pooler_output, text.pooler_output
+        )
+    assert zero_shot(small, images(2)).shape == (2, 3)
+    loaded = reload(small, tmp_path)
+    assert type(loaded) is type(small) and same_weights(loaded, small)
+    assert torch.equal(zero_shot(loaded, images(2)), zero_shot(small, images(2)))
+    keep_all = compress(dense, KEEP_ALL[method], images(), progress=False)
+    torch.testing.assert_close(zero_shot(keep_all, images(3)), zero_shot(dense, images(3)), rtol=1e-4, atol=1e-4)
+
+
+def test_the_clip_image_tower_is_calibrated_on_the_image_embeddings():
+    """CLIPModel's tower is compressed as a CLIPVisionModelWithProjection of its own modules: the same plan and
+    image embeddings as compressing that tower class loaded from the same weights."""
+    dense = tiny_two_towers(CLIPModel)
+    small = compress(dense, METHODS["activation_aware"], images(), progress=False)
+    tower = CLIPVisionModelWithProjection(dense.config.vision_config).eval()
+    tower.vision_model.load_state_dict(dense.vision_model.state_dict())
+    tower.visual_projection = copy.deepcopy(dense.visual_projection)  # CLIPModel's projection_dim, not the tower's
+    small_tower = compress(tower, METHODS["activation_aware"], images(), progress=False)
+    assert {layer.rank for layer in small.compression_plan.layers.values()} == {
+        layer.rank for layer in small_tower.compression_plan.layers.values()
+    }
+    with torch.no_grad():
+        torch.testing.assert_close(
+            small.get_image_features(pixel_values=images(2)).pooler_output,
+            small_tower(pixel_values=images(2)).image_embeds,
+        )
 
 
 def test_pruning_refuses_a_vision_tower_and_says_what_works():

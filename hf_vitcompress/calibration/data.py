@@ -116,13 +116,18 @@ def iter_calibration_batches(
         )
 
 
+def image_config_of(config: Any) -> Any:
+    """The config that describes the images: a two-tower model's (CLIP, SigLIP) ``vision_config``, else ``config``."""
+    return getattr(config, "vision_config", None) or config
+
+
 def image_size_of(config: Any) -> tuple[int, int]:
-    size = config.image_size
+    size = image_config_of(config).image_size
     return (size, size) if isinstance(size, int) else tuple(size)
 
 
 def patch_size_of(config: Any) -> tuple[int, int]:
-    size = config.patch_size
+    size = image_config_of(config).patch_size
     return (size, size) if isinstance(size, int) else tuple(size)
 
 

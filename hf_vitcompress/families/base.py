@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,6 +44,11 @@ class FamilyAdapter:
     # Attributes the family's own forward overwrites (Swin's layers clamp shift_size / window_size to the first
     # small input they see, and keep the clamp): compress() puts them back after its forwards (forward_state_of).
     forward_state: tuple[str, ...] = ()
+    # A two-tower model (CLIPModel, SiglipModel) compresses its image tower only: ``image_tower(model)`` is a
+    # model of a tower family made of the full model's own modules, ``image_tower_parts`` maps each full-model
+    # child it holds to where the tower holds it ("" for the tower itself). See compress.compress_image_tower.
+    image_tower: Callable[[nn.Module], nn.Module] | None = None
+    image_tower_parts: tuple[tuple[str, str], ...] = ()
     # The compression methods that handle this family's blocks (pruning needs ViT's attention / mlp names).
     methods: tuple[str, ...] = ("activation_aware", "head_factorization", "pruning")
 

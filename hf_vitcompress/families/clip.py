@@ -4,18 +4,35 @@ Blocks live at ``encoder.layers`` (``vision_model.encoder.layers`` in ``...WithP
 ``self_attn.{q,k,v,out}_proj`` and ``mlp.fc1`` / ``mlp.fc2`` (quick-GELU), between pre-LayerNorms.
 ``activation_aware`` and ``head_factorization`` handle it (the ``self_attn`` with its ``out_proj`` becomes a
 head-factorized attention); ``pruning`` is written for ViT's ``attention`` / ``mlp`` block layout and refuses this
-family with a clear error (``FamilyAdapter.methods``). The vision tower inside a full ``CLIPModel`` is not
-handled yet (its forward needs text inputs too): compress a ``CLIPVisionModel`` loaded from the same checkpoint.
-The projection of ``...WithProjection`` (``visual_projection``) stays dense.
+family with a clear error (``FamilyAdapter.methods``). The projection of ``...WithProjection``
+(``visual_projection``) stays dense.
+
+A full ``CLIPModel`` (``CLIP_FAMILY``) has its image tower compressed: ``vision_model`` with ``visual_projection``
+is compressed as one ``CLIPVisionModelWithProjection`` (calibrated on images alone, measured on the image
+embeddings), and the result, a ``CompressedCLIPModel``, still runs zero-shot classification and retrieval with
+the text tower as it was (:func:`hf_vitcompress.compress.compress_image_tower`).
 """
 
 from __future__ import annotations
 
+import torch
 from huggingface_hub.dataclasses import strict
-from transformers import CLIPPreTrainedModel, CLIPVisionConfig, CLIPVisionModel, CLIPVisionModelWithProjection
+from transformers import (
+    CLIPConfig,
+    CLIPModel,
+    CLIPPreTrainedModel,
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    CLIPVisionModelWithProjection,
+)
 
-from ..modeling_utils import CompressedConfigMixin, make_compressed_model_class, register_family_classes
-from .base import FamilyAdapter
+from ..modeling_utils import (
+    CompressedConfigMixin,
+    make_compressed_config_class,
+    make_compressed_model_class,
+    register_family_classes,
+)
+from .base import FamilyAdapter, build_family
 
 # CLIP's and SigLIP's encoder layer (and BERT-style encoders with self_attn / out_proj names)
 SELF_ATTENTION_BLOCK_LINEARS = (
@@ -60,3 +77,31 @@ CLIP_VISION_FAMILY = FamilyAdapter(
     block_path="encoder.layers",  # vision_model.encoder.layers in ...WithProjection (backbone_attr)
     methods=FACTORIZATION_ONLY,
 )
+
+
+def clip_image_tower(model: CLIPModel) -> CLIPVisionModelWithProjection:
+    """The image tower of a ``CLIPModel`` as a ``CLIPVisionModelWithProjection`` made of the model's own
+    ``vision_model`` and ``visual_projection`` (its ``image_embeds`` are ``get_image_features``)."""
+    with torch.device("meta"):  # only the shell: both children are the model's
+        tower = CLIPVisionModelWithProjection(model.config.vision_config)
+    tower.vision_model, tower.visual_projection = model.vision_model, model.visual_projection
+    tower.name_or_path = model.name_or_path
+    return tower
+
+
+CompressedCLIPConfig = make_compressed_config_class(CLIPConfig, "vitcompress_clip", __name__)
+CLIP_FAMILY = build_family(
+    __name__,
+    CompressedCLIPConfig,
+    {CLIPModel: "AutoModel"},
+    name="clip",
+    base_model_type="clip",
+    pretrained_class=CLIPModel,
+    backbone_attr="vision_model",
+    linear_groups=SELF_ATTENTION_BLOCK_LINEARS,
+    block_path="encoder.layers",
+    methods=FACTORIZATION_ONLY,
+    image_tower=clip_image_tower,
+    image_tower_parts=(("vision_model", "vision_model"), ("visual_projection", "visual_projection")),
+)
+(CompressedCLIPModel,) = CLIP_FAMILY.compressed_classes.values()

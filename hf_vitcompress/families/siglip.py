@@ -5,15 +5,24 @@ tanh-GELU), ``activation_aware`` and ``head_factorization``, not ``pruning`` (se
 (``head``: an ``nn.MultiheadAttention`` and an MLP) stays dense: its ``nn.MultiheadAttention`` packs
 q/k/v in one ``in_proj_weight``, which no method here factorizes; ``target_modules`` may still name
 ``head.mlp.fc1`` / ``fc2``. SigLIP 2 (NaFlex inputs with ``spatial_shapes``) is not handled.
+
+A full ``SiglipModel`` (``SIGLIP_FAMILY``) has its image tower (``vision_model``, a ``SiglipVisionModel``)
+compressed as above and its text tower kept, so zero-shot classification still runs
+(:func:`hf_vitcompress.compress.compress_image_tower`).
 """
 
 from __future__ import annotations
 
 from huggingface_hub.dataclasses import strict
-from transformers import SiglipPreTrainedModel, SiglipVisionConfig, SiglipVisionModel
+from transformers import SiglipConfig, SiglipModel, SiglipPreTrainedModel, SiglipVisionConfig, SiglipVisionModel
 
-from ..modeling_utils import CompressedConfigMixin, make_compressed_model_class, register_family_classes
-from .base import FamilyAdapter
+from ..modeling_utils import (
+    CompressedConfigMixin,
+    make_compressed_config_class,
+    make_compressed_model_class,
+    register_family_classes,
+)
+from .base import FamilyAdapter, build_family
 from .clip import FACTORIZATION_ONLY, SELF_ATTENTION_BLOCK_LINEARS
 
 
@@ -43,3 +52,21 @@ SIGLIP_VISION_FAMILY = FamilyAdapter(
     block_path="encoder.layers",  # vision_model.encoder.layers in ...WithProjection (backbone_attr)
     methods=FACTORIZATION_ONLY,
 )
+
+
+CompressedSiglipConfig = make_compressed_config_class(SiglipConfig, "vitcompress_siglip", __name__)
+SIGLIP_FAMILY = build_family(
+    __name__,
+    CompressedSiglipConfig,
+    {SiglipModel: "AutoModel"},
+    name="siglip",
+    base_model_type="siglip",
+    pretrained_class=SiglipModel,
+    backbone_attr="vision_model",
+    linear_groups=SELF_ATTENTION_BLOCK_LINEARS,
+    block_path="encoder.layers",
+    methods=FACTORIZATION_ONLY,
+    image_tower=lambda model: model.vision_model,  # a SiglipVisionModel already
+    image_tower_parts=(("vision_model", ""),),
+)
+(CompressedSiglipModel,) = SIGLIP_FAMILY.compressed_classes.values()
