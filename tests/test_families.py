@@ -305,6 +305,10 @@ def test_the_image_tower_of_a_two_tower_model_is_compressed_and_zero_shot_still_
     before = {name: tensor.clone() for name, tensor in dense.state_dict().items()}
     small, family = compressed_as_its_family(dense, METHODS[method])
     assert all(torch.equal(tensor, before[name]) for name, tensor in dense.state_dict().items())  # not modified
+    # as in the dense model, the tower's modules read the full model's vision config (one object)
+    assert dense.vision_model.config is dense.config.vision_config
+    configs = {id(m.config) for m in small.vision_model.modules() if hasattr(m, "config")}
+    assert configs == {id(small.config.vision_config)}
     plan = small.compression_plan
     assert plan.layers and all(name.startswith("vision_model.encoder.layers.") for name in plan.layers)
     # the budget is the image tower's; the plan counts the whole model
@@ -325,6 +329,29 @@ def test_the_image_tower_of_a_two_tower_model_is_compressed_and_zero_shot_still_
     assert torch.equal(zero_shot(loaded, images(2)), zero_shot(small, images(2)))
     keep_all = compress(dense, KEEP_ALL[method], images(), progress=False)
     torch.testing.assert_close(zero_shot(keep_all, images(3)), zero_shot(dense, images(3)), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dense_class", [CLIPModel, SiglipModel], ids=lambda cls: cls.__name__)
+def test_a_two_tower_model_records_its_image_towers_outputs_as_the_dense_one(dense_class):
+    """The compressed tower follows the full model's attention implementation and records its attentions."""
+    dense = tiny_two_towers(dense_class)
+    small = compress(dense, KEEP_ALL["head_factorization"], images(), progress=False)
+    assert any(isinstance(module, HeadFactorizedAttention) for module in small.vision_model.modules())
+    for model in (small, dense):
+        model.set_attn_implementation("eager")
+    prompts = torch.tensor([[3, 4, 5]])
+    with torch.no_grad():
+        got, want = (
+            m(
+                input_ids=prompts, pixel_values=images(2), output_attentions=True, output_hidden_states=True
+            ).vision_model_output
+            for m in (small, dense)
+        )
+    assert len(got.attentions) == len(want.attentions) == 2
+    for recorded, truth in zip(
+        (*got.attentions, *got.hidden_states), (*want.attentions, *want.hidden_states), strict=True
+    ):
+        torch.testing.assert_close(recorded, truth, rtol=1e-4, atol=1e-5)
 
 
 def test_the_clip_image_tower_is_calibrated_on_the_image_embeddings():
