@@ -184,8 +184,8 @@ def compress(
     if config.method not in family.methods:
         raise ValueError(
             f"method={config.method!r} does not handle {type(model).__name__} yet: its blocks lack the layout that "
-            "method is written for (head_factorization: q_proj/k_proj/v_proj with o_proj or out_proj; pruning: "
-            "also attention.* and mlp.fc1/fc2 names). Use method="
+            "method is written for (head_factorization and pruning: a dot-product attention with q_proj/k_proj/v_proj "
+            "and o_proj or out_proj; pruning also one width and token count for all blocks). Use method="
             f"{' or '.join(repr(m) for m in family.methods)}."
         )
     if not family.chained and config.method == "activation_aware" and (config.sequential or config.compensation_rank):

@@ -245,17 +245,23 @@ def tiny_tower(cls: type) -> torch.nn.Module:
     return model
 
 
-@pytest.mark.parametrize("method", ["activation_aware", "head_factorization"])
+@pytest.mark.parametrize("method", list(METHODS))
 @pytest.mark.parametrize("dense_class", VISION_TOWERS, ids=lambda cls: cls.__name__)
-def test_a_vision_tower_is_factorized_meets_its_budget_and_reloads(tmp_path, dense_class, method):
+def test_a_vision_tower_is_compressed_meets_its_budget_and_reloads(tmp_path, dense_class, method):
     dense, config = tiny_tower(dense_class), METHODS[method]
     small, _ = compressed_as_its_family(dense, config)
     planned = {name.rsplit(".", 1)[-1]: layer.kind for name, layer in small.compression_plan.layers.items()}
     if method == "activation_aware":
         assert {"out_proj", "fc1", "fc2"} <= set(planned)
-    else:  # self_attn with its out_proj becomes one head-factorized attention
+    elif method == "head_factorization":  # self_attn with its out_proj becomes one head-factorized attention
         assert planned["self_attn"] == "head_factorized" and "out_proj" not in planned
-    assert count_parameters(small) == small.compression_plan.parameters <= 0.6 * count_parameters(dense)
+    if method == "pruning":  # heads and value dims of self_attn, MLP neurons, whole blocks
+        provenance = small.config.compression_provenance
+        assert provenance["macs"] == count_macs(small, images(1)) <= 0.3 * provenance["dense_macs"]
+        assert provenance["dense_macs"] == count_macs(dense, images(1))
+        assert set(planned) <= {"self_attn", "fc1", "fc2", "0", "1"} and planned
+    else:
+        assert count_parameters(small) == small.compression_plan.parameters <= 0.6 * count_parameters(dense)
     loaded = reload(small, tmp_path)
     assert type(loaded) is type(small) and same_weights(loaded, small)
     assert torch.equal(features(loaded, images(3)), features(small, images(3)))
@@ -266,7 +272,7 @@ def test_a_vision_tower_is_factorized_meets_its_budget_and_reloads(tmp_path, den
 
 
 @pytest.mark.parametrize("implementation", ["eager", "sdpa"])
-@pytest.mark.parametrize("method", ["activation_aware", "head_factorization"])
+@pytest.mark.parametrize("method", list(METHODS))
 def test_a_vision_tower_records_outputs_as_the_dense_one(method, implementation):
     dense = tiny_tower(SiglipVisionModel)
     small = compress(dense, METHODS[method], images(), progress=False)
@@ -298,7 +304,7 @@ def zero_shot(model, pixels) -> torch.Tensor:
         return model(input_ids=prompts, pixel_values=pixels).logits_per_image
 
 
-@pytest.mark.parametrize("method", ["activation_aware", "head_factorization"])
+@pytest.mark.parametrize("method", list(METHODS))
 @pytest.mark.parametrize("dense_class", [CLIPModel, SiglipModel], ids=lambda cls: cls.__name__)
 def test_the_image_tower_of_a_two_tower_model_is_compressed_and_zero_shot_still_runs(tmp_path, dense_class, method):
     dense = tiny_two_towers(dense_class)
@@ -312,8 +318,13 @@ def test_the_image_tower_of_a_two_tower_model_is_compressed_and_zero_shot_still_
     plan = small.compression_plan
     assert plan.layers and all(name.startswith("vision_model.encoder.layers.") for name in plan.layers)
     # the budget is the image tower's; the plan counts the whole model
-    tower = small.config.compression_provenance["image_tower"]
-    assert tower["parameters"] <= 0.6 * tower["dense_parameters"]
+    provenance = small.config.compression_provenance
+    tower = provenance["image_tower"]
+    if method == "pruning":  # the FLOPs budget is the image path's, which is what count_macs measures here
+        assert provenance["macs"] == count_macs(small, images(1)) <= 0.3 * provenance["dense_macs"]
+        assert provenance["dense_macs"] == count_macs(dense, images(1))
+    else:
+        assert tower["parameters"] <= 0.6 * tower["dense_parameters"]
     assert count_parameters(small) == plan.parameters and plan.dense_parameters == count_parameters(dense)
     untouched = [name for name in before if not name.startswith("vision_model.")]  # text tower, projections
     kept = small.state_dict()
@@ -373,9 +384,72 @@ def test_the_clip_image_tower_is_calibrated_on_the_image_embeddings():
         )
 
 
-def test_pruning_refuses_a_vision_tower_and_says_what_works():
-    with pytest.raises(ValueError, match="method='pruning' does not handle CLIPVisionModel yet.*'head_factorization'"):
-        compress(tiny_tower(CLIPVisionModel), METHODS["pruning"], images(), progress=False)
+@pytest.mark.parametrize("kind", ["clip_tower", "dinov2_swiglu"])
+def test_the_pruning_trainer_searches_a_tower_and_a_swiglu_mlp_on_features(tmp_path, kind):
+    """UVC's searched path (masks on out_proj / down_proj inputs, shrinking, export) on CLIP's self_attn and on
+    DINOv2's SwiGLU MLP, distilled on features (no labels): the exported model is the masked model it trained."""
+    from hf_vitcompress import DistillationArguments, PruningTrainer
+
+    def build():
+        return tiny_tower(CLIPVisionModel) if kind == "clip_tower" else tiny_dinov2(Dinov2Model, use_swiglu_ffn=True)
+
+    config = CompressionConfig(
+        method="pruning",
+        target_flops_ratio=0.5,
+        pruning_warmup_ratio=0.25,
+        pruning_search_ratio=0.5,
+        pruning_count_lr=0.5,
+        pruning_dual_lr=5.0,
+        pruning_proximal_lr=0.2,
+    )
+    args = DistillationArguments(
+        output_dir=str(tmp_path),
+        max_steps=8,
+        per_device_train_batch_size=8,
+        learning_rate=1e-3,
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        save_strategy="no",
+        seed=0,
+        alpha=1.0,  # features only: no labels
+    )
+    pixels = images(32)
+    trainer = PruningTrainer(
+        model=build(),
+        teacher=build(),
+        compression_config=config,
+        args=args,
+        train_dataset=[{"pixel_values": p} for p in pixels],
+    )
+    trainer.train()
+    pruned = trainer.export()
+    assert count_macs(pruned, pixels[:1]) <= int(0.5 * trainer.structure.dense_macs)
+    torch.testing.assert_close(features(pruned.eval(), pixels[:4]), features(trainer.model.eval(), pixels[:4]))
+
+
+def test_a_pruned_vision_tower_keeps_the_kept_heads_and_neurons_of_the_dense_one():
+    """Pruning reads CLIP's self_attn / out_proj: the kept heads' q/k/v rows and out_proj columns, and the kept
+    neurons' fc1 rows and fc2 columns, are the dense ones (a wrong name would raise, a wrong slice differ)."""
+    dense = tiny_tower(CLIPVisionModel)
+    config = CompressionConfig(method="pruning", target_flops_ratio=0.7, calibration_samples=16)
+    small = compress(dense, config, images(), progress=False)
+    pruned = [
+        (index, block)
+        for index, block in enumerate(small.encoder.layers)
+        if isinstance(block.self_attn, HeadFactorizedAttention)
+    ]
+    assert pruned
+    for index, block in pruned:
+        attention, dense_attention = block.self_attn, dense.encoder.layers[index].self_attn
+        assert attention.num_heads < 4 or min(attention.vo_ranks) < 12  # something of this attention was removed
+        rows = torch.cat([torch.arange(h * 12, h * 12 + 12) for h in attention.active_heads])
+        # query/key heads are kept whole: the kept heads' dense rows, exactly
+        assert torch.equal(attention.qk_left.weight, dense_attention.q_proj.weight[rows])
+        assert torch.equal(attention.qk_right.weight, dense_attention.k_proj.weight[rows])
+    mlp, dense_mlp = small.encoder.layers[0].mlp, dense.encoder.layers[0].mlp
+    kept = [j for j in range(96) if any(torch.equal(dense_mlp.fc1.weight[j], row) for row in mlp.fc1.weight)]
+    assert len(kept) == mlp.fc1.out_features and torch.equal(mlp.fc2.weight, dense_mlp.fc2.weight[:, kept])
 
 
 @pytest.mark.parametrize("dense_class", [CLIPVisionModel, SiglipVisionModel], ids=lambda cls: cls.__name__)

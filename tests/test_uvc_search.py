@@ -7,21 +7,35 @@ model (no Trainer), the way the trainer's callback does: ``on_step_begin``, loss
 backward, optimizer step, ``on_optimizer_step``.
 """
 
+import pytest
 import torch
-from transformers import TrainerState
+from transformers import CLIPVisionConfig, CLIPVisionModel, Dinov2Model, TrainerState
 
 from hf_vitcompress import CompressionConfig
 from hf_vitcompress.methods.pruning.search import KINDS, UVCController
-from hf_vitcompress.methods.pruning.structure import PrunableModel
+from hf_vitcompress.methods.pruning.structure import PrunableModel, attention_layout, block_attention, mlp_layout
 
-from .conftest import tiny_vit
+from .conftest import tiny_dinov2, tiny_vit
 
 STEPS = 5
 
 
-def search_setup(skip_blocks=True):
+def tiny_clip_tower() -> torch.nn.Module:
+    torch.manual_seed(0)
+    sizes = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4)
+    return CLIPVisionModel(CLIPVisionConfig(**sizes, image_size=16, patch_size=4))
+
+
+MODELS = {  # ViT's attention / fc1-fc2 names, CLIP's self_attn / out_proj, DINOv2's SwiGLU gate/up/down
+    "vit": tiny_vit,
+    "clip_tower": tiny_clip_tower,
+    "dinov2_swiglu": lambda: tiny_dinov2(Dinov2Model, use_swiglu_ffn=True),
+}
+
+
+def search_setup(skip_blocks=True, kind="vit"):
     """A tiny model in UVC's search stage from step 0 (no warm-up), with fast dual and proximal rates."""
-    model = tiny_vit().train()
+    model = MODELS[kind]().train()
     structure = PrunableModel.of(model)
     config = CompressionConfig(
         method="pruning",
@@ -48,7 +62,10 @@ def batch():
 
 def task_loss(model):
     pixels, labels = batch()
-    return torch.nn.functional.cross_entropy(model(pixel_values=pixels).logits, labels)
+    output = model(pixel_values=pixels)
+    if getattr(output, "logits", None) is None:  # a backbone: any loss of its features
+        return output.last_hidden_state.pow(2).mean()
+    return torch.nn.functional.cross_entropy(output.logits, labels)
 
 
 def group_rows(model, controller):
@@ -60,16 +77,22 @@ def group_rows(model, controller):
     return masks
 
 
-def group_weights(model, b):
-    block = model.vit.layers[b]
+def group_weights(model, controller, b):
+    """Per kind (value dims, neurons): the matrices a group is one row of each of (v_proj and o_proj / out_proj
+    transposed; fc1 and fc2 transposed, or SwiGLU's gate_proj, up_proj and down_proj transposed)."""
+    block = model.get_submodule(controller.structure.block_names[b])
+    attention = block_attention(block)[1]
+    _, _, value, output = attention_layout(attention)
+    inputs, mlp_output = mlp_layout(block.mlp)
     return (
-        (block.attention.v_proj.weight.detach().clone(), block.attention.o_proj.weight.detach().clone().T),
-        (block.mlp.fc1.weight.detach().clone(), block.mlp.fc2.weight.detach().clone().T),
-    )  # a group is a row of the first matrix of each pair
+        [getattr(attention, value).weight, getattr(attention, output).weight.T],
+        [*(getattr(block.mlp, name).weight for name in inputs), getattr(block.mlp, mlp_output).weight.T],
+    )
 
 
-def test_proximal_step_shrinks_the_groups_selected_for_pruning():
-    model, controller, state = search_setup()
+@pytest.mark.parametrize("kind", list(MODELS))
+def test_proximal_step_shrinks_the_groups_selected_for_pruning(kind):
+    model, controller, state = search_setup(kind=kind)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
     shrunk = 0
     for step in range(STEPS):
@@ -79,13 +102,15 @@ def test_proximal_step_shrinks_the_groups_selected_for_pruning():
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
-        before = [group_weights(model, b) for b in range(2)]
+        before = [
+            [[m.detach().clone() for m in group] for group in group_weights(model, controller, b)] for b in range(2)
+        ]
         factor = 1.0 - controller.sparsity_multiplier  # the shrink this step applies
         controller.on_optimizer_step(model, state)
         masks = group_rows(model, controller)  # the groups the step selected (orders refreshed inside it)
-        for b, (pairs, kinds) in enumerate(zip(before, masks, strict=True)):
-            for (first, second), now, mask in zip(pairs, group_weights(model, b), kinds, strict=True):
-                for old, new in ((first, now[0]), (second, now[1])):
+        for b, (groups, kinds) in enumerate(zip(before, masks, strict=True)):
+            for matrices, now, mask in zip(groups, group_weights(model, controller, b), kinds, strict=True):
+                for old, new in zip(matrices, now, strict=True):
                     # selected groups are multiplied by 1 - y, the others are left alone
                     torch.testing.assert_close(new[mask], factor * old[mask], rtol=1e-5, atol=1e-7)
                     torch.testing.assert_close(new[~mask], old[~mask], rtol=0, atol=0)

@@ -49,7 +49,8 @@ class FamilyAdapter:
     # child it holds to where the tower holds it ("" for the tower itself). See compress.compress_image_tower.
     image_tower: Callable[[nn.Module], nn.Module] | None = None
     image_tower_parts: tuple[tuple[str, str], ...] = ()
-    # The compression methods that handle this family's blocks (pruning needs ViT's attention / mlp names).
+    # The compression methods that handle this family's blocks (the head methods need a dot-product attention with
+    # q_proj/k_proj/v_proj/o_proj or out_proj; pruning also one width and one token count for all blocks).
     methods: tuple[str, ...] = ("activation_aware", "head_factorization", "pruning")
 
     @property

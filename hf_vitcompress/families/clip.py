@@ -2,10 +2,9 @@
 
 Blocks live at ``encoder.layers`` (``vision_model.encoder.layers`` in ``...WithProjection``); each block has
 ``self_attn.{q,k,v,out}_proj`` and ``mlp.fc1`` / ``mlp.fc2`` (quick-GELU), between pre-LayerNorms.
-``activation_aware`` and ``head_factorization`` handle it (the ``self_attn`` with its ``out_proj`` becomes a
-head-factorized attention); ``pruning`` is written for ViT's ``attention`` / ``mlp`` block layout and refuses this
-family with a clear error (``FamilyAdapter.methods``). The projection of ``...WithProjection``
-(``visual_projection``) stays dense.
+All three methods handle it: ``head_factorization`` makes the ``self_attn`` with its ``out_proj`` one
+head-factorized attention, and ``pruning`` removes heads, value dims and MLP neurons from ``self_attn`` and ``mlp``
+(and whole blocks) as in ViT. The projection of ``...WithProjection`` (``visual_projection``) stays dense.
 
 A full ``CLIPModel`` (``CLIP_FAMILY``) has its image tower compressed: ``vision_model`` with ``visual_projection``
 is compressed as one ``CLIPVisionModelWithProjection`` (calibrated on images alone, measured on the image
@@ -41,7 +40,6 @@ SELF_ATTENTION_BLOCK_LINEARS = (
     ("mlp.fc1",),
     ("mlp.fc2",),
 )
-FACTORIZATION_ONLY = ("activation_aware", "head_factorization")  # pruning needs ViT's attention/mlp names
 
 
 @strict
@@ -75,7 +73,6 @@ CLIP_VISION_FAMILY = FamilyAdapter(
     shared_input_groups=(0,),  # self_attn.{q,k,v}_proj: CLIPAttention reads its input only through them
     config_class=CompressedCLIPVisionConfig,
     block_path="encoder.layers",  # vision_model.encoder.layers in ...WithProjection (backbone_attr)
-    methods=FACTORIZATION_ONLY,
 )
 
 
@@ -100,7 +97,6 @@ CLIP_FAMILY = build_family(
     backbone_attr="vision_model",
     linear_groups=SELF_ATTENTION_BLOCK_LINEARS,
     block_path="encoder.layers",
-    methods=FACTORIZATION_ONLY,
     image_tower=clip_image_tower,
     image_tower_parts=(("vision_model", "vision_model"), ("visual_projection", "visual_projection")),
 )

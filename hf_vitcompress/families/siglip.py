@@ -1,7 +1,7 @@
 """SigLIP vision family: ``SiglipVisionModel`` (transformers 5.x names).
 
 The same encoder layer as CLIP's (``encoder.layers.N.self_attn.{q,k,v,out}_proj``, ``mlp.fc1/fc2``,
-tanh-GELU), ``activation_aware`` and ``head_factorization``, not ``pruning`` (see :mod:`.clip`). The attention-pooling head
+tanh-GELU), with all three methods (see :mod:`.clip`). The attention-pooling head
 (``head``: an ``nn.MultiheadAttention`` and an MLP) stays dense: its ``nn.MultiheadAttention`` packs
 q/k/v in one ``in_proj_weight``, which no method here factorizes; ``target_modules`` may still name
 ``head.mlp.fc1`` / ``fc2``. SigLIP 2 (NaFlex inputs with ``spatial_shapes``) is not handled.
@@ -23,7 +23,7 @@ from ..modeling_utils import (
     register_family_classes,
 )
 from .base import FamilyAdapter, build_family
-from .clip import FACTORIZATION_ONLY, SELF_ATTENTION_BLOCK_LINEARS
+from .clip import SELF_ATTENTION_BLOCK_LINEARS
 
 
 @strict
@@ -50,7 +50,6 @@ SIGLIP_VISION_FAMILY = FamilyAdapter(
     shared_input_groups=(0,),  # self_attn.{q,k,v}_proj: SiglipAttention reads its input only through them
     config_class=CompressedSiglipVisionConfig,
     block_path="encoder.layers",  # vision_model.encoder.layers in ...WithProjection (backbone_attr)
-    methods=FACTORIZATION_ONLY,
 )
 
 
@@ -65,7 +64,6 @@ SIGLIP_FAMILY = build_family(
     backbone_attr="vision_model",
     linear_groups=SELF_ATTENTION_BLOCK_LINEARS,
     block_path="encoder.layers",
-    methods=FACTORIZATION_ONLY,
     image_tower=lambda model: model.vision_model,  # a SiglipVisionModel already
     image_tower_parts=(("vision_model", ""),),
 )

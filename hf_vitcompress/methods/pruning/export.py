@@ -22,16 +22,16 @@ import copy
 import torch
 from torch import nn
 
-from ...attention import HeadFactorizedAttention, head_factorized_like
+from ...attention import HeadFactorizedAttention, attention_heads, attention_projection_names, head_factorized_like
 from ...layers import SkippedBlock
 from ...plan import CompressionPlan, LayerPlan, count_parameters, set_submodule
-from .structure import BlockPruning, PrunableModel, mlp_layout
+from .structure import BlockPruning, PrunableModel, block_attention, mlp_layout
 
 
 @torch.no_grad()
 def pruned_attention(attention: nn.Module, block: BlockPruning) -> tuple[HeadFactorizedAttention, LayerPlan]:
-    heads, head_dim = attention.num_attention_heads, attention.head_dim
-    q, k, v, o = attention.q_proj, attention.k_proj, attention.v_proj, attention.o_proj
+    heads, head_dim = attention_heads(attention), attention.head_dim
+    q, k, v, o = (getattr(attention, name) for name in attention_projection_names(attention))
     hidden = q.in_features
     qk_rows = torch.tensor([h * head_dim + i for h in block.heads for i in range(head_dim)], device=q.weight.device)
     vo_rows = torch.tensor(
@@ -94,10 +94,10 @@ def apply_pruning(model: nn.Module, structure: PrunableModel, state: list[BlockP
             set_submodule(model, name, SkippedBlock())
             layers[name] = LayerPlan("skipped_block", structure.hidden, structure.hidden, False)
             continue
-        attention = model.get_submodule(f"{name}.attention")
+        attribute, attention = block_attention(model.get_submodule(name))
         if len(block.heads) < shape.heads or block.value_dim < shape.head_dim:
-            module, layers[f"{name}.attention"] = pruned_attention(attention, block)
-            set_submodule(model, f"{name}.attention", module)
+            module, layers[f"{name}.{attribute}"] = pruned_attention(attention, block)
+            set_submodule(model, f"{name}.{attribute}", module)
         if len(block.neurons) < shape.neurons:
             mlp = model.get_submodule(f"{name}.mlp")
             inputs, output = mlp_layout(mlp)

@@ -18,8 +18,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ...attention import attention_heads
 from ...calibration.distributed import SINGLE_PROCESS, CalibrationProcesses
-from .structure import PrunableModel, PruningError, mlp_layout
+from .structure import PrunableModel, PruningError, attention_layout, block_attention, mlp_layout
 
 
 @dataclass
@@ -33,21 +34,22 @@ class GroupScores:
 
 def _block_parts(model: nn.Module, name: str) -> tuple[nn.Module, nn.Module]:
     block = model.get_submodule(name)
-    return block.attention, block.mlp
+    return block_attention(block)[1], block.mlp
 
 
 def _head_terms(attention: nn.Module, tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-head (q/k part, v/o part per dim) sums of ``tensors`` (elementwise terms already computed)."""
-    heads, head_dim = attention.num_attention_heads, attention.head_dim
-    qk = sum(tensors[f"{p}.weight"].view(heads, head_dim, -1).sum(dim=(1, 2)) for p in ("q_proj", "k_proj"))
-    for p in ("q_proj", "k_proj"):
+    heads, head_dim = attention_heads(attention), attention.head_dim
+    q, k, v, o = attention_layout(attention)
+    qk = sum(tensors[f"{p}.weight"].view(heads, head_dim, -1).sum(dim=(1, 2)) for p in (q, k))
+    for p in (q, k):
         if f"{p}.bias" in tensors:
             qk = qk + tensors[f"{p}.bias"].view(heads, head_dim).sum(1)
-    vo = tensors["v_proj.weight"].view(heads, head_dim, -1).sum(2) + tensors["o_proj.weight"].t().reshape(
+    vo = tensors[f"{v}.weight"].view(heads, head_dim, -1).sum(2) + tensors[f"{o}.weight"].t().reshape(
         heads, head_dim, -1
     ).sum(2)
-    if "v_proj.bias" in tensors:
-        vo = vo + tensors["v_proj.bias"].view(heads, head_dim)
+    if f"{v}.bias" in tensors:
+        vo = vo + tensors[f"{v}.bias"].view(heads, head_dim)
     return qk, vo
 
 
@@ -62,11 +64,7 @@ def _neuron_terms(mlp: nn.Module, tensors: dict[str, torch.Tensor]) -> torch.Ten
 
 
 def _parameters(attention: nn.Module, mlp: nn.Module) -> dict[str, nn.Parameter]:
-    found = {
-        f"{n}": p
-        for n, p in attention.named_parameters()
-        if n.split(".")[0] in ("q_proj", "k_proj", "v_proj", "o_proj")
-    }
+    found = {f"{n}": p for n, p in attention.named_parameters() if n.split(".")[0] in attention_layout(attention)}
     inputs, output = mlp_layout(mlp)
     found.update({n: p for n, p in mlp.named_parameters() if n.split(".")[0] in (*inputs, output)})
     return found

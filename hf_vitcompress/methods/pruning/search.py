@@ -38,7 +38,15 @@ from ...configuration import CompressionConfig
 from ...training.callbacks import CompressionController
 from .importance import magnitude_scores
 from .projection import project_to_budget
-from .structure import BlockPruning, PrunableModel, mlp_layout, state_from_dict, state_to_dict
+from .structure import (
+    BlockPruning,
+    PrunableModel,
+    attention_layout,
+    block_attention,
+    mlp_layout,
+    state_from_dict,
+    state_to_dict,
+)
 
 STAGES = ("warmup", "search", "post")
 KINDS = ("heads", "value_dims", "neurons")
@@ -79,7 +87,9 @@ class UVCController(CompressionController):
         self._model = model
         for b, name in enumerate(self.structure.block_names):
             block = model.get_submodule(name)
-            self._handles.append(block.attention.o_proj.register_forward_pre_hook(self._mask_hook(b, "attention")))
+            attention = block_attention(block)[1]
+            output_projection = getattr(attention, attention_layout(attention)[3])  # its input is the value heads
+            self._handles.append(output_projection.register_forward_pre_hook(self._mask_hook(b, "attention")))
             # fc2, or SwiGLU's down_proj: its input is the neurons
             output = getattr(block.mlp, mlp_layout(block.mlp)[1])
             self._handles.append(output.register_forward_pre_hook(self._mask_hook(b, "neurons")))
@@ -254,8 +264,10 @@ class UVCController(CompressionController):
             dims = (self._selected(b, "heads")[:, None] | self._selected(b, "value_dims")).reshape(-1)
             neurons = self._selected(b, "neurons")
             inputs, output = mlp_layout(block.mlp)
+            attention = block_attention(block)[1]
+            _, _, value, projection = attention_layout(attention)
             pairs = (
-                (dims, [block.attention.v_proj], block.attention.o_proj),
+                (dims, [getattr(attention, value)], getattr(attention, projection)),
                 (neurons, [getattr(block.mlp, name) for name in inputs], getattr(block.mlp, output)),
             )
             for mask, row_linears, columns in pairs:  # a group is rows of the first linears and columns of the last

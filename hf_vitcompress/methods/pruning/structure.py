@@ -34,10 +34,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from ...attention import attention_heads, attention_projection_names
 from ...calibration.data import image_size_of
 from ...evaluation import count_macs
 from ...families import family_for
-from ..head_factorization.method import ATTENTION_PROJECTIONS
 
 
 class PruningError(ValueError):
@@ -75,6 +75,27 @@ class BlockPruning:
 MLP_LAYOUTS: tuple[tuple[tuple[str, ...], str], ...] = ((("fc1",), "fc2"), (("gate_proj", "up_proj"), "down_proj"))
 
 
+# Where a block holds its self-attention: ViT / DeiT / DINOv2 / BEiT (``attention``), CLIP / SigLIP (``self_attn``).
+ATTENTION_ATTRIBUTES = ("attention", "self_attn")
+
+
+def block_attention(block: nn.Module) -> tuple[str, nn.Module | None]:
+    """``(attribute name, module)`` of ``block``'s self-attention; the module is ``None`` when it has none."""
+    for name in ATTENTION_ATTRIBUTES:
+        if isinstance(getattr(block, name, None), nn.Module):
+            return name, getattr(block, name)
+    return ATTENTION_ATTRIBUTES[0], None
+
+
+def attention_layout(attention: nn.Module | None) -> tuple[str, str, str, str] | None:
+    """The query, key, value and output linear names of a dense self-attention (``o_proj`` or ``out_proj``), or
+    ``None`` when it is not one (already pruned or factorized, or another layout)."""
+    try:
+        return attention_projection_names(attention) if attention is not None else None
+    except ValueError:
+        return None
+
+
 def mlp_layout(mlp: nn.Module) -> tuple[tuple[str, ...], str] | None:
     """``(input linear names, output linear name)`` of a dense ``mlp``, or ``None`` when it has neither layout."""
     for inputs, output in MLP_LAYOUTS:
@@ -106,19 +127,18 @@ class PrunableModel:
         blocks = [model.get_submodule(name) for name in names]
         shapes, layouts = [], set()
         for name, block in zip(names, blocks, strict=True):
-            attention = getattr(block, "attention", None)
+            _, attention = block_attention(block)
             mlp = getattr(block, "mlp", None)
-            projections = [getattr(attention, name, None) for name in ATTENTION_PROJECTIONS]
             layout = mlp_layout(mlp) if mlp is not None else None
-            if not all(isinstance(p, nn.Linear) for p in projections) or layout is None:
+            if attention_layout(attention) is None or layout is None:
                 raise PruningError(
-                    f"Block {name} of {type(model).__name__} is not a dense attention (q_proj/k_proj/v_proj/"
-                    "o_proj) + MLP (fc1/fc2, or SwiGLU gate_proj/up_proj/down_proj) block: structured pruning needs the "
-                    "dense model (prune before factorizing, and do not prune an already pruned model)."
+                    f"Block {name} of {type(model).__name__} is not a dense attention (q_proj/k_proj/v_proj with "
+                    "o_proj or out_proj) + MLP (fc1/fc2, or SwiGLU gate_proj/up_proj/down_proj) block: structured "
+                    "pruning needs the dense model (prune before factorizing, and do not prune an already pruned model)."
                 )
             layouts.add(layout)
             neurons = getattr(mlp, layout[0][0]).out_features
-            shapes.append(BlockShape(attention.num_attention_heads, attention.head_dim, neurons))
+            shapes.append(BlockShape(attention_heads(attention), attention.head_dim, neurons))
         config = model.config
         parameter = next(model.parameters())
         pixels = torch.zeros(
@@ -130,7 +150,7 @@ class PrunableModel:
             total = count_macs(model, pixels)
         finally:
             handle.remove()
-        hidden = blocks[0].attention.q_proj.in_features
+        hidden = block_attention(blocks[0])[1].q_proj.in_features
         if len(layouts) != 1:
             raise PruningError(f"The blocks of {type(model).__name__} mix MLP layouts {sorted(layouts)}.")
         mlp_inputs = len(next(iter(layouts))[0])
