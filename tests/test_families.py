@@ -388,41 +388,16 @@ def test_the_clip_image_tower_is_calibrated_on_the_image_embeddings():
 def test_the_pruning_trainer_searches_a_tower_and_a_swiglu_mlp_on_features(tmp_path, kind):
     """UVC's searched path (masks on out_proj / down_proj inputs, shrinking, export) on CLIP's self_attn and on
     DINOv2's SwiGLU MLP, distilled on features (no labels): the exported model is the masked model it trained."""
-    from hf_vitcompress import DistillationArguments, PruningTrainer
+    from .test_pruning import run_trainer
 
     def build():
         return tiny_tower(CLIPVisionModel) if kind == "clip_tower" else tiny_dinov2(Dinov2Model, use_swiglu_ffn=True)
 
-    config = CompressionConfig(
-        method="pruning",
-        target_flops_ratio=0.5,
-        pruning_warmup_ratio=0.25,
-        pruning_search_ratio=0.5,
-        pruning_count_lr=0.5,
-        pruning_dual_lr=5.0,
-        pruning_proximal_lr=0.2,
-    )
-    args = DistillationArguments(
-        output_dir=str(tmp_path),
-        max_steps=8,
-        per_device_train_batch_size=8,
-        learning_rate=1e-3,
-        report_to=[],
-        use_cpu=True,
-        disable_tqdm=True,
-        save_strategy="no",
-        seed=0,
-        alpha=1.0,  # features only: no labels
-    )
     pixels = images(32)
-    trainer = PruningTrainer(
-        model=build(),
-        teacher=build(),
-        compression_config=config,
-        args=args,
-        train_dataset=[{"pixel_values": p} for p in pixels],
+    features_only = [{"pixel_values": p} for p in pixels]  # no labels: distilled on features alone (alpha=1)
+    trainer = run_trainer(
+        tmp_path, pixels, skip_blocks=False, build=build, train_dataset=features_only, save_strategy="no", alpha=1.0
     )
-    trainer.train()
     pruned = trainer.export()
     assert count_macs(pruned, pixels[:1]) <= int(0.5 * trainer.structure.dense_macs)
     torch.testing.assert_close(features(pruned.eval(), pixels[:4]), features(trainer.model.eval(), pixels[:4]))

@@ -196,7 +196,10 @@ def dataset(pixels):
     return [{"pixel_values": p, "labels": y} for p, y in zip(pixels, labels)]
 
 
-def run_trainer(tmp_path, pixels, max_steps=8, resume=None, skip_blocks=True, **overrides):
+def run_trainer(
+    tmp_path, pixels, max_steps=8, resume=None, skip_blocks=True, build=tiny_vit, train_dataset=None, **overrides
+):
+    """A short UVC run (warm-up, search, post-training) with fast rates, on ``build()`` distilled from another."""
     config = CompressionConfig(
         method="pruning",
         target_flops_ratio=0.5,
@@ -220,7 +223,11 @@ def run_trainer(tmp_path, pixels, max_steps=8, resume=None, skip_blocks=True, **
         **overrides,
     )
     trainer = PruningTrainer(
-        model=tiny_vit(), teacher=tiny_vit(), compression_config=config, args=args, train_dataset=dataset(pixels)
+        model=build(),
+        teacher=build(),
+        compression_config=config,
+        args=args,
+        train_dataset=dataset(pixels) if train_dataset is None else train_dataset,
     )
     trainer.train(resume_from_checkpoint=resume)
     return trainer
