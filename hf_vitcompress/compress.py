@@ -185,7 +185,7 @@ def compress(
         raise ValueError(
             f"method={config.method!r} does not handle {type(model).__name__} yet: its blocks lack the layout that "
             "method is written for (head_factorization and pruning: a dot-product attention with q_proj/k_proj/v_proj "
-            "and o_proj or out_proj; pruning also one width and token count for all blocks). Use method="
+            "and o_proj or out_proj, and pruning an mlp with fc1/fc2 or gate_proj/up_proj/down_proj). Use method="
             f"{' or '.join(repr(m) for m in family.methods)}."
         )
     if not family.chained and config.method == "activation_aware" and (config.sequential or config.compensation_rank):

@@ -51,6 +51,7 @@ from hf_vitcompress.calibration.validation import output_of
 from hf_vitcompress.compress import resolve_targets
 from hf_vitcompress.evaluation import count_macs
 from hf_vitcompress.families import family_for
+from hf_vitcompress.methods.pruning.structure import PrunableModel
 
 from .conftest import tiny_dinov2
 from .test_loading import check_recorded_outputs, same_weights
@@ -384,16 +385,18 @@ def test_the_clip_image_tower_is_calibrated_on_the_image_embeddings():
         )
 
 
-@pytest.mark.parametrize("kind", ["clip_tower", "dinov2_swiglu"])
+@pytest.mark.parametrize("kind", ["clip_tower", "dinov2_swiglu", "swin"])
 def test_the_pruning_trainer_searches_a_tower_and_a_swiglu_mlp_on_features(tmp_path, kind):
     """UVC's searched path (masks on out_proj / down_proj inputs, shrinking, export) on CLIP's self_attn and on
     DINOv2's SwiGLU MLP, distilled on features (no labels): the exported model is the masked model it trained."""
     from .test_pruning import run_trainer
 
     def build():
+        if kind == "swin":  # windowed attention, two widths
+            return tiny_swin(SwinForImageClassification)
         return tiny_tower(CLIPVisionModel) if kind == "clip_tower" else tiny_dinov2(Dinov2Model, use_swiglu_ffn=True)
 
-    pixels = images(32)
+    pixels = images(32, 32, 32) if kind == "swin" else images(32)
     features_only = [{"pixel_values": p} for p in pixels]  # no labels: distilled on features alone (alpha=1)
     trainer = run_trainer(
         tmp_path, pixels, skip_blocks=False, build=build, train_dataset=features_only, save_strategy="no", alpha=1.0
@@ -560,9 +563,8 @@ def tiny_swin(cls: type) -> torch.nn.Module:
     return model
 
 
-SWIN_CASES = [(cls, method) for cls in SWIN for method in ("activation_aware", "head_factorization")] + [
-    (cls, "activation_aware") for cls in SWINV2
-]
+SWIN_CASES = [(cls, method) for cls in SWIN for method in METHODS] + [(cls, "activation_aware") for cls in SWINV2]
+SWIN_METHODS = {**METHODS, "pruning": dataclasses.replace(METHODS["pruning"], skip_blocks=False)}  # see below
 
 
 @pytest.mark.parametrize(("dense_class", "method"), SWIN_CASES, ids=lambda case: getattr(case, "__name__", case))
@@ -571,19 +573,25 @@ def test_swin_compresses_meets_its_budget_reloads_and_keeps_everything_exactly(t
     pixels = images(16, 32, 32)
     family = family_for(dense)
     windows = family.forward_state_of(dense)
-    small = compress(dense, METHODS[method], pixels, progress=False)
+    small = compress(dense, SWIN_METHODS[method], pixels, progress=False)
     # Swin's layers clamp their window state to the calibration grid and keep it: compress puts it back
     assert family.forward_state_of(dense) == windows == family.forward_state_of(small)
     assert type(small) is family.compressed_classes[dense_class]
     assert small.config.model_type == family.config_class.model_type
     plan = small.compression_plan
-    assert count_parameters(small) == plan.parameters <= 0.6 * count_parameters(dense)
     stages = {name.split("layers.", 1)[1].split(".", 1)[0] for name in plan.layers}
     assert stages == {"0", "1"}  # blocks of both stages
+    if method == "pruning":  # each block at its own width and token count, attention per window
+        provenance = small.config.compression_provenance
+        # counted on copies: a forward at 32 px would clamp the originals' window state (see the swin module)
+        assert provenance["macs"] == count_macs(copy.deepcopy(small), pixels[:1]) <= 0.3 * provenance["dense_macs"]
+        assert provenance["dense_macs"] == count_macs(copy.deepcopy(dense), pixels[:1])
+    else:
+        assert count_parameters(small) == plan.parameters <= 0.6 * count_parameters(dense)
     if method == "activation_aware":  # the patch merging between the stages is a target too
         _, extra = resolve_targets(dense, family, None)
         assert [name.split("encoder.", 1)[1] for name in extra] == ["layers.0.downsample.reduction"]
-    else:
+    elif method == "head_factorization":
         assert sum(isinstance(m, HeadFactorizedAttention) for m in small.modules()) == 4
     loaded = reload(small, tmp_path)
     assert type(loaded) is type(small) and same_weights(loaded, small)
@@ -593,7 +601,7 @@ def test_swin_compresses_meets_its_budget_reloads_and_keeps_everything_exactly(t
     torch.testing.assert_close(features(keep_all, other_size), features(dense, other_size), rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("method", ["activation_aware", "head_factorization"])
+@pytest.mark.parametrize("method", list(METHODS))
 def test_swin_records_outputs_as_the_dense_one(method):
     """Swin records one hidden state and one attention per stage; at full rank they are the dense ones."""
     dense = tiny_swin(SwinForImageClassification)
@@ -646,9 +654,23 @@ def test_the_patch_merging_of_a_swin_is_factorized_and_reloads(tmp_path, dense_c
     )
 
 
+def test_a_swin_pruned_at_a_padded_size_meets_its_budget_there():
+    """At 40 x 48 px the 10 x 12 grid is padded to whole 4 x 4 windows (12 x 12) for the attention, not for the
+    MLP: the measured per-block counts make the budget equal the pruned model's real MACs at that size."""
+    dense = tiny_swin(SwinForImageClassification)
+    pixels = images(16, 40, 48)
+    small = compress(dense, SWIN_METHODS["pruning"], pixels, progress=False)
+    provenance = small.config.compression_provenance
+    assert provenance["macs_image_size"] == [40, 48]
+    assert provenance["macs"] == count_macs(copy.deepcopy(small), pixels[:1]) <= 0.3 * provenance["dense_macs"]
+    structure = PrunableModel.of(copy.deepcopy(dense), (40, 48))
+    first = structure.blocks[0]
+    assert (first.tokens, first.attention_tokens, first.span) == (120, 144, 16)
+
+
 def test_swin_refuses_what_does_not_apply_and_says_what_works():
     swin, swinv2 = tiny_swin(SwinModel), tiny_swin(Swinv2Model)
-    with pytest.raises(ValueError, match="method='pruning' does not handle SwinModel yet.*'activation_aware' or"):
+    with pytest.raises(ValueError, match="skip_blocks=True would replace whole blocks.*skip_blocks=False"):
         compress(swin, METHODS["pruning"], images(16, 32, 32), progress=False)
     with pytest.raises(ValueError, match="method='head_factorization' does not handle Swinv2Model"):
         compress(swinv2, METHODS["head_factorization"], images(16, 32, 32), progress=False)

@@ -43,7 +43,8 @@ def test_flops_counter_matches_a_hand_count():
     fixed = 16 * 48 * (3 * 4 * 4) + 48 * 5  # patch-embedding conv + classifier
     assert count_macs(model, torch.zeros(1, 3, 16, 16)) == fixed + blocks * per_block
     structure = PrunableModel.of(model)
-    assert (structure.tokens, structure.hidden, structure.fixed_macs) == (n, d, fixed)
+    assert structure.fixed_macs == fixed
+    assert all((b.tokens, b.attention_tokens, b.span, b.hidden) == (n, n, n, d) for b in structure.blocks)  # global
     assert structure.dense_macs == fixed + blocks * per_block
     # Pruned by hand: 3 heads, value width 5 (padded to 12 for SDPA), 40 neurons; block 1 gone.
     state = irregular_state()
@@ -102,7 +103,7 @@ def test_one_shot_pruning_meets_the_budget_exactly_and_round_trips(tmp_path, pix
     macs = count_macs(pruned, pixels[:1])
     budget = int(0.45 * structure.dense_macs)
     assert macs <= budget
-    assert budget - macs < structure.mlp_macs(1)  # within one MLP neuron of the budget
+    assert budget - macs < structure.mlp_macs(structure.blocks[0], 1)  # within one MLP neuron of the budget
     assert pruned.config.compression_provenance["macs"] == macs
     pruned.save_pretrained(tmp_path)
     loaded = AutoModelForImageClassification.from_pretrained(tmp_path)
@@ -137,7 +138,7 @@ def test_projection_prefers_unimportant_groups():
     structure = PrunableModel.of(model)
     scores = magnitude_scores(model, structure)
     scores.neurons[0][:48] = 0.0  # half of block 0's neurons are worthless: they go first
-    budget = structure.dense_macs - 48 * structure.mlp_macs(1)
+    budget = structure.dense_macs - 48 * structure.mlp_macs(structure.blocks[0], 1)
     state = project_to_budget(structure, scores, budget)
     assert state[0].neurons == list(range(48, 96))
     assert structure.macs(state) == budget
@@ -242,7 +243,7 @@ def test_pruning_trainer_searches_projects_and_exports(tmp_path, pixels):
     pruned = trainer.export()
     macs = count_macs(pruned, pixels[:1])
     budget = int(0.5 * trainer.structure.dense_macs)
-    assert budget - trainer.structure.mlp_macs(1) < macs <= budget
+    assert budget - trainer.structure.mlp_macs(trainer.structure.blocks[0], 1) < macs <= budget
     model = trainer.model.eval()
     with torch.no_grad():  # the masked model the trainer evaluated is the exported one
         torch.testing.assert_close(pruned.eval()(pixel_values=pixels).logits, model(pixel_values=pixels).logits)

@@ -44,13 +44,16 @@ class FamilyAdapter:
     # Attributes the family's own forward overwrites (Swin's layers clamp shift_size / window_size to the first
     # small input they see, and keep the clamp): compress() puts them back after its forwards (forward_state_of).
     forward_state: tuple[str, ...] = ()
+    # Whether pruning may skip whole blocks: a SkippedBlock returns its input tensor, as a ViT block returns the
+    # residual stream; Swin's layers return (hidden_states, attention weights), which their stage unpacks.
+    skippable_blocks: bool = True
     # A two-tower model (CLIPModel, SiglipModel) compresses its image tower only: ``image_tower(model)`` is a
     # model of a tower family made of the full model's own modules, ``image_tower_parts`` maps each full-model
     # child it holds to where the tower holds it ("" for the tower itself). See compress.compress_image_tower.
     image_tower: Callable[[nn.Module], nn.Module] | None = None
     image_tower_parts: tuple[tuple[str, str], ...] = ()
     # The compression methods that handle this family's blocks (the head methods need a dot-product attention with
-    # q_proj/k_proj/v_proj/o_proj or out_proj; pruning also one width and one token count for all blocks).
+    # q_proj/k_proj/v_proj and o_proj or out_proj; pruning also an mlp with fc1/fc2 or gate/up/down_proj).
     methods: tuple[str, ...] = ("activation_aware", "head_factorization", "pruning")
 
     @property

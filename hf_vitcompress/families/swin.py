@@ -5,9 +5,12 @@ each with ``attention.{q,k,v}_proj`` / ``o_proj`` over windows of tokens and ``m
 double from stage to stage. Between stages a patch merging (``encoder.layers.N.downsample.reduction``, a
 ``4C → 2C`` linear without bias) halves the token grid: it is compressed by default too, as one more linear.
 
-``activation_aware`` and ``head_factorization`` handle it. The attention owns its per-head relative position
-bias (``attention.relative_position_bias``): a head-factorized attention keeps that module, under the same
+All three methods handle it. The attention owns its per-head relative position bias
+(``attention.relative_position_bias``): a head-factorized or pruned attention keeps that module, under the same
 checkpoint name, and adds the kept heads' rows to the scores with the shifted-window mask, as the dense one does.
+Pruning's FLOPs model counts each block at its own width and token count, and its attention per window (both
+measured, ``PrunableModel.of``); whole blocks cannot be skipped (a ``SwinLayer`` returns its attention weights too,
+which the stage unpacks), so ``skip_blocks=True`` is refused.
 transformers' ``SwinLayer`` clamps its ``shift_size`` and ``window_size`` to the first input grid no larger than a
 window and keeps them (a dense model run once at such a size computes differently at larger sizes afterwards):
 ``compress`` restores them, on the model it was given and on the result, to what they were before its forwards.
@@ -17,8 +20,7 @@ Not handled:
 
 - block-by-block calibration (``sequential``, ``compensation_rank``): the stages are not one chain of blocks
   (the patch merging changes width and token count), so ``compress`` refuses them for this family;
-- ``pruning``: its FLOPs model has one width and one token count for all blocks, and Swin has one per stage
-  and windowed attention (refused with a clear error, ``FamilyAdapter.methods``).
+- skipping whole blocks in pruning (above).
 """
 
 from __future__ import annotations
@@ -47,8 +49,8 @@ SWIN_FAMILY = build_family(
     shared_input_groups=(0,),  # attention.{q,k,v}_proj: SwinAttention reads its input only through them
     block_path="encoder.layers.*.blocks",
     extra_linear_paths=("encoder.layers.*.downsample.reduction",),
-    methods=("activation_aware", "head_factorization"),
     forward_state=("shift_size", "window_size"),
+    skippable_blocks=False,
 )
 CompressedSwinModel, CompressedSwinForImageClassification, CompressedSwinBackbone = (
     SWIN_FAMILY.compressed_classes.values()

@@ -92,7 +92,7 @@ def apply_pruning(model: nn.Module, structure: PrunableModel, state: list[BlockP
     for name, shape, block in zip(structure.block_names, structure.blocks, state, strict=True):
         if block.skipped:
             set_submodule(model, name, SkippedBlock())
-            layers[name] = LayerPlan("skipped_block", structure.hidden, structure.hidden, False)
+            layers[name] = LayerPlan("skipped_block", shape.hidden, shape.hidden, False)
             continue
         attribute, attention = block_attention(model.get_submodule(name))
         if len(block.heads) < shape.heads or block.value_dim < shape.head_dim:

@@ -9,47 +9,17 @@ with distillation and ends with the same projection and the same export.
 from __future__ import annotations
 
 import copy
-import dataclasses
 from collections.abc import Iterator
 
 import torch
 from torch import nn
 
-from ...calibration.data import image_size_of, interpolated_positions
+from ...calibration.data import interpolated_positions
 from ...calibration.distributed import SINGLE_PROCESS, CalibrationProcesses
 from ...configuration import CompressionConfig
-from ...evaluation import count_macs
-from ...families import family_for
 from .importance import magnitude_scores, taylor_scores
 from .projection import project_to_budget
 from .structure import BlockPruning, PrunableModel
-
-
-def prunable_at(model: nn.Module, image_size: tuple[int, int] | None = None) -> PrunableModel:
-    """:meth:`PrunableModel.of` ``model``, with its token count and fixed MACs measured at ``image_size``.
-
-    The FLOPs budget must be met at the resolution the model will serve, which is the resolution it is
-    calibrated at, not necessarily ``config.image_size``: tokens grow with the image area and attention
-    with their square. ``PrunableModel.of`` measures at ``config.image_size``; at another size this
-    measures again with one forward at ``image_size`` (``interpolate_pos_encoding=True``), counted by
-    :func:`~hf_vitcompress.evaluation.count_macs` as ``of`` does, so the two agree by construction.
-    """
-    structure = PrunableModel.of(model)
-    if image_size is None or tuple(image_size) == image_size_of(model.config):
-        return structure
-    parameter = next(model.parameters())
-    pixels = torch.zeros(1, model.config.num_channels, *image_size, dtype=parameter.dtype, device=parameter.device)
-    seen: list[int] = []
-    first_block = family_for(model).blocks(model)[0]
-    handle = first_block.register_forward_pre_hook(lambda _module, args: seen.append(args[0].shape[1]))
-    try:
-        with interpolated_positions(model):
-            total = count_macs(model, pixels)
-    finally:
-        handle.remove()
-    blocks_only = dataclasses.replace(structure, tokens=seen[0], fixed_macs=0)
-    fixed = total - sum(blocks_only.block_macs(shape) for shape in structure.blocks)
-    return dataclasses.replace(structure, tokens=seen[0], fixed_macs=fixed)
 
 
 def plan_pruning(
@@ -65,7 +35,7 @@ def plan_pruning(
     ``image_size``: the resolution the budget is counted at (the calibration images'; default
     ``config.image_size``).
     """
-    structure = prunable_at(model, image_size)
+    structure = PrunableModel.of(model, image_size)
     budget = structure.check_budget(config.target_flops_ratio, config.skip_blocks)
     if config.pruning_importance == "taylor":  # on a copy: the user's model keeps its gradients untouched
         scoring = copy.deepcopy(model)

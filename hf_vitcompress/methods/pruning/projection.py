@@ -48,21 +48,21 @@ def project_to_budget(
             return []
         moves = []
         if len(block.neurons) > 1:
-            moves.append((float(scores.neurons[b][block.neurons[0]]) / structure.mlp_macs(1), "neuron"))
+            moves.append((float(scores.neurons[b][block.neurons[0]]) / structure.mlp_macs(shape, 1), "neuron"))
         if len(block.heads) > 1:
             weakest = min(range(len(block.heads)), key=lambda p: head_value(b, p))
             block.heads.insert(0, block.heads.pop(weakest))
             block.value_dims.insert(0, block.value_dims.pop(weakest))
-            saved = structure.attention_macs(1, shape.head_dim, block.value_dim)
+            saved = structure.attention_macs(shape, 1, shape.head_dim, block.value_dim)
             moves.append((head_value(b, 0) / saved, "head"))
         if block.value_dim > 1:
             value = sum(float(scores.value_dims[b][h][dims[0]]) for h, dims in zip(block.heads, block.value_dims))
-            moves.append((value / structure.value_dim_macs(len(block.heads)), "dim"))
+            moves.append((value / structure.value_dim_macs(shape, len(block.heads)), "dim"))
         if skip_blocks:
             value = sum(head_value(b, p) for p in range(len(block.heads)))
             value += float(scores.neurons[b][block.neurons].sum())
-            macs = structure.attention_macs(len(block.heads), shape.head_dim, block.value_dim)
-            moves.append((value / (macs + structure.mlp_macs(len(block.neurons))), "skip"))
+            macs = structure.attention_macs(shape, len(block.heads), shape.head_dim, block.value_dim)
+            moves.append((value / (macs + structure.mlp_macs(shape, len(block.neurons))), "skip"))
         return moves
 
     cost = structure.macs(state)
@@ -114,16 +114,16 @@ def project_to_budget(
             if block.skipped:
                 continue
             options = []
-            if removed_neurons[b] and structure.mlp_macs(1) <= slack:
+            if removed_neurons[b] and structure.mlp_macs(shape, 1) <= slack:
                 options.append(
-                    (float(scores.neurons[b][removed_neurons[b][0]]) / structure.mlp_macs(1), b, "neuron", 0)
+                    (float(scores.neurons[b][removed_neurons[b][0]]) / structure.mlp_macs(shape, 1), b, "neuron", 0)
                 )
-            macs = structure.attention_macs(1, shape.head_dim, block.value_dim)
+            macs = structure.attention_macs(shape, 1, shape.head_dim, block.value_dim)
             gone = [h for h in range(shape.heads) if h not in block.heads]
             if gone and macs <= slack:
                 h = max(gone, key=lambda h: head_with_dims(b, h)[0])
                 options.append((head_with_dims(b, h)[0] / macs, b, "head", h))
-            macs = structure.value_dim_macs(len(block.heads))
+            macs = structure.value_dim_macs(shape, len(block.heads))
             if block.value_dim < shape.head_dim and macs <= slack:
                 total = sum(
                     max(float(scores.value_dims[b][h][i]) for i in range(shape.head_dim) if i not in dims)

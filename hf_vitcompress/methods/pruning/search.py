@@ -179,7 +179,8 @@ class UVCController(CompressionController):
         s = self.structure
         kept = self.sizes * (1 - self.fractions)
         keep = torch.sigmoid(self.gate_logits) if self.config.skip_blocks else torch.ones(len(s.blocks))
-        blocks = s.attention_macs(kept[:, 0], self.sizes[:, 1], kept[:, 1]) + s.mlp_macs(kept[:, 2])
+        shapes = s.stacked()
+        blocks = s.attention_macs(shapes, kept[:, 0], self.sizes[:, 1], kept[:, 1]) + s.mlp_macs(shapes, kept[:, 2])
         return s.fixed_macs + (keep * blocks).sum()
 
     def _sparsity(self, b: int, kind: str) -> torch.Tensor:

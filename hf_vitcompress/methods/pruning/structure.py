@@ -12,7 +12,10 @@ Three kinds of groups per encoder block, plus the block itself:
 
 MACs are counted the way :func:`hf_vitcompress.evaluation.count_macs` counts a real forward pass (every
 linear and convolution and both attention matmuls); the fixed part outside the blocks (patch embedding,
-pooler, classifier) is *measured* with it once, so the two counts agree by construction.
+pooler, classifier) is *measured* with it once, so the two counts agree by construction. Each block is costed at
+its own width and token counts, measured in that same pass (:class:`BlockShape`): a ViT's blocks are all alike,
+a Swin's differ by stage and attend within (padded) windows. The attention is ``attention`` (ViT, DINOv2, BEiT)
+or ``self_attn`` (CLIP, SigLIP), its output projection ``o_proj`` or ``out_proj`` (:func:`block_attention`).
 
 The budget is counted for the costliest attention implementation, whichever one is active while
 pruning. A pruned attention keeps full-width query/key heads and narrower value heads; fused kernels
@@ -28,14 +31,15 @@ back to its math path, 1.5-2x slower than the padded fused kernel on CPU, ``benc
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from contextlib import nullcontext
+from dataclasses import asdict, astuple, dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
 from ...attention import attention_heads, attention_projection_names
-from ...calibration.data import image_size_of
+from ...calibration.data import image_size_of, interpolated_positions
 from ...evaluation import count_macs
 from ...families import family_for
 
@@ -46,11 +50,21 @@ class PruningError(ValueError):
 
 @dataclass(frozen=True)
 class BlockShape:
-    """The dense shape of one encoder block."""
+    """The dense shape of one encoder block, and what it runs on per image (measured, see ``PrunableModel.of``).
+
+    ``tokens`` enter the block and its MLP runs on them; its q/k/v/o projections run on ``attention_tokens`` rows
+    and each query attends to ``span`` keys. A ViT block attends globally (both are ``tokens``); a Swin block
+    attends within windows: ``attention_tokens`` is every window's tokens (the grid padded to whole windows) and
+    ``span`` one window's. The fields may be tensors (one entry per block, :meth:`PrunableModel.stacked`).
+    """
 
     heads: int
     head_dim: int
     neurons: int
+    hidden: int
+    tokens: int
+    attention_tokens: int
+    span: int
 
 
 @dataclass
@@ -106,26 +120,32 @@ def mlp_layout(mlp: nn.Module) -> tuple[tuple[str, ...], str] | None:
 
 @dataclass
 class PrunableModel:
-    """Facts about a model that pruning needs: block names and shapes, token count, hidden size, fixed MACs."""
+    """Facts about a model that pruning needs: block names and shapes (widths, token counts), fixed MACs."""
 
     block_names: list[str]
     blocks: list[BlockShape]
-    hidden: int
-    tokens: int
     fixed_macs: int
     mlp_inputs: int = 1  # linears a neuron is a row of: 1 (fc1), 2 (SwiGLU's gate_proj and up_proj)
+    skippable_blocks: bool = True  # the family's (FamilyAdapter.skippable_blocks)
     dense_macs: int = field(init=False)
 
     def __post_init__(self) -> None:
         self.dense_macs = self.fixed_macs + sum(self.block_macs(shape) for shape in self.blocks)
 
     @classmethod
-    def of(cls, model: nn.Module) -> PrunableModel:
-        """Inspect ``model`` (a dense ViT/DeiT): one forward pass counts its MACs and its token count."""
+    def of(cls, model: nn.Module, image_size: tuple[int, int] | None = None) -> PrunableModel:
+        """Inspect the dense ``model``: one forward pass at ``image_size`` (default ``config.image_size``) counts
+        its MACs and, per block, the tokens it runs on.
+
+        The FLOPs budget must be met at the resolution the model will serve (tokens grow with the image area and
+        attention with their square); at another size than the config's the forward runs with
+        ``interpolate_pos_encoding=True``, counted by :func:`~hf_vitcompress.evaluation.count_macs`, so that this
+        count and a later one of the pruned model agree by construction.
+        """
         family = family_for(model)
         names = family.block_names(model)
         blocks = [model.get_submodule(name) for name in names]
-        shapes, layouts = [], set()
+        parts, layouts = [], set()
         for name, block in zip(names, blocks, strict=True):
             _, attention = block_attention(block)
             mlp = getattr(block, "mlp", None)
@@ -137,30 +157,29 @@ class PrunableModel:
                     "pruning needs the dense model (prune before factorizing, and do not prune an already pruned model)."
                 )
             layouts.add(layout)
-            neurons = getattr(mlp, layout[0][0]).out_features
-            shapes.append(BlockShape(attention_heads(attention), attention.head_dim, neurons))
-        config = model.config
-        parameter = next(model.parameters())
-        pixels = torch.zeros(
-            1, config.num_channels, *image_size_of(config), dtype=parameter.dtype, device=parameter.device
-        )
-        seen: list[int] = []
-        handle = blocks[0].register_forward_pre_hook(lambda _module, args: seen.append(args[0].shape[1]))
-        try:
-            total = count_macs(model, pixels)
-        finally:
-            handle.remove()
-        hidden = block_attention(blocks[0])[1].q_proj.in_features
+            parts.append((attention, getattr(mlp, layout[0][0]).out_features))
         if len(layouts) != 1:
             raise PruningError(f"The blocks of {type(model).__name__} mix MLP layouts {sorted(layouts)}.")
+        size = tuple(image_size) if image_size is not None else image_size_of(model.config)
+        total, geometry = _measure(model, blocks, [attention for attention, _ in parts], size)
+        shapes = [
+            BlockShape(attention_heads(attention), attention.head_dim, neurons, attention.q_proj.in_features, *seen)
+            for (attention, neurons), seen in zip(parts, geometry, strict=True)
+        ]
         mlp_inputs = len(next(iter(layouts))[0])
-        partial = cls([], [], hidden, seen[0], 0, mlp_inputs)
-        fixed = total - sum(partial.block_macs(shape) for shape in shapes)  # dense blocks cost the same everywhere
-        return cls(names, shapes, hidden, seen[0], fixed, mlp_inputs)
+        partial = cls([], [], 0, mlp_inputs)
+        fixed = total - sum(partial.block_macs(shape) for shape in shapes)
+        return cls(names, shapes, fixed, mlp_inputs, family.skippable_blocks)
+
+    def stacked(self) -> BlockShape:
+        """Every block's shape as one :class:`BlockShape` of float tensors (for costs of all blocks at once)."""
+        columns = zip(*(astuple(shape) for shape in self.blocks), strict=True)
+        return BlockShape(*(torch.tensor(column, dtype=torch.float64) for column in columns))
 
     # -- MACs --------------------------------------------------------------------------------------
-    def attention_macs(self, heads: Any, head_dim: Any, value_dim: Any, padded: bool = True) -> Any:
-        """Q and K projections, V and O, and both attention matmuls (works on floats and tensors).
+    def attention_macs(self, shape: BlockShape, heads: Any, head_dim: Any, value_dim: Any, padded: bool = True) -> Any:
+        """Q and K projections, V and O, and both attention matmuls of a block of ``shape`` keeping ``heads``
+        heads of ``head_dim`` query/key and ``value_dim`` value dims (works on floats and tensors).
 
         ``padded`` (the default, what budgets are counted with): the cost under a fused attention kernel
         (SDPA, the transformers default), which zero-pads narrower value heads to the query/key width, so
@@ -168,21 +187,23 @@ class PrunableModel:
         runs it at the value width. The padded cost is never lower, so a budget met with it holds under
         every implementation (see the module docstring).
         """
-        n, d = self.tokens, self.hidden
+        rows, d, span = shape.attention_tokens, shape.hidden, shape.span
         attention_values = head_dim if padded else value_dim
-        return heads * (2 * n * d * head_dim + n * n * head_dim) + heads * (
-            2 * n * d * value_dim + n * n * attention_values
+        return heads * (2 * rows * d * head_dim + rows * span * head_dim) + heads * (
+            2 * rows * d * value_dim + rows * span * attention_values
         )
 
-    def value_dim_macs(self, heads: int) -> int:
-        """What one more (or one fewer) value dim in each of ``heads`` heads costs."""
-        return self.attention_macs(heads, 0, 1)
+    def value_dim_macs(self, shape: BlockShape, heads: int) -> int:
+        """What one more (or one fewer) value dim in each of ``heads`` heads of a block of ``shape`` costs."""
+        return self.attention_macs(shape, heads, 0, 1)
 
-    def mlp_macs(self, neurons: Any) -> Any:
-        return (self.mlp_inputs + 1) * self.tokens * self.hidden * neurons
+    def mlp_macs(self, shape: BlockShape, neurons: Any) -> Any:
+        return (self.mlp_inputs + 1) * shape.tokens * shape.hidden * neurons
 
     def block_macs(self, shape: BlockShape) -> int:
-        return self.attention_macs(shape.heads, shape.head_dim, shape.head_dim) + self.mlp_macs(shape.neurons)
+        return self.attention_macs(shape, shape.heads, shape.head_dim, shape.head_dim) + self.mlp_macs(
+            shape, shape.neurons
+        )
 
     def macs(self, state: list[BlockPruning], padded: bool = True) -> int:
         """MACs per image of the model pruned as ``state`` says: by default under a fused attention kernel
@@ -190,13 +211,13 @@ class PrunableModel:
         total = self.fixed_macs
         for shape, block in zip(self.blocks, state, strict=True):
             if not block.skipped:
-                total += self.attention_macs(len(block.heads), shape.head_dim, block.value_dim, padded)
-                total += self.mlp_macs(len(block.neurons))
+                total += self.attention_macs(shape, len(block.heads), shape.head_dim, block.value_dim, padded)
+                total += self.mlp_macs(shape, len(block.neurons))
         return total
 
     def minimum_macs(self, skip_blocks: bool) -> int:
         """The least a model can cost: every block skipped but one, or every block at one head/dim/neuron."""
-        smallest = [self.attention_macs(1, shape.head_dim, 1) + self.mlp_macs(1) for shape in self.blocks]
+        smallest = [self.attention_macs(shape, 1, shape.head_dim, 1) + self.mlp_macs(shape, 1) for shape in self.blocks]
         if skip_blocks:
             return self.fixed_macs + min(smallest)
         return self.fixed_macs + sum(smallest)
@@ -213,6 +234,12 @@ class PrunableModel:
 
     def check_budget(self, ratio: float, skip_blocks: bool) -> int:
         """The MAC budget for ``ratio``, or a :class:`PruningError` naming the smallest reachable ratio."""
+        if skip_blocks and not self.skippable_blocks:
+            raise PruningError(
+                "skip_blocks=True would replace whole blocks by their input, but this model's blocks return more than "
+                "the residual stream (Swin's layers return their attention weights too, which their stage unpacks): "
+                "prune heads, value dims and neurons only (skip_blocks=False)."
+            )
         budget = int(ratio * self.dense_macs)
         floor = self.minimum_macs(skip_blocks)
         if budget < floor:
@@ -252,3 +279,38 @@ def state_to_dict(state: list[BlockPruning]) -> list[dict[str, Any]]:
 
 def state_from_dict(data: list[dict[str, Any]]) -> list[BlockPruning]:
     return [BlockPruning(**block) for block in data]
+
+
+def _measure(
+    model: nn.Module, blocks: list[nn.Module], attentions: list[nn.Module], image_size: tuple[int, int]
+) -> tuple[int, list[tuple[int, int, int]]]:
+    """MACs of one forward pass on one image of ``image_size``, and per block ``(tokens, attention_tokens, span)``:
+    the tokens entering the block, and the rows and the sequence length its attention is called with."""
+    config = model.config
+    parameter = next(model.parameters())
+    pixels = torch.zeros(1, config.num_channels, *image_size, dtype=parameter.dtype, device=parameter.device)
+    tokens: dict[int, int] = {}
+    attention_calls: dict[int, tuple[int, int]] = {}
+
+    def block_hook(index):
+        def hook(_module, args):  # returns None: the block's inputs stay as they are
+            tokens.setdefault(index, args[0].shape[1])
+
+        return hook
+
+    def attention_hook(index):
+        def hook(_module, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            attention_calls.setdefault(index, (hidden.shape[0] * hidden.shape[1], hidden.shape[1]))
+
+        return hook
+
+    handles = [block.register_forward_pre_hook(block_hook(i)) for i, block in enumerate(blocks)]
+    handles += [a.register_forward_pre_hook(attention_hook(i), with_kwargs=True) for i, a in enumerate(attentions)]
+    try:
+        with interpolated_positions(model) if image_size != image_size_of(config) else nullcontext():
+            total = count_macs(model, pixels)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return total, [(tokens[i], *attention_calls[i]) for i in range(len(blocks))]
