@@ -13,7 +13,7 @@ import json
 import platform
 import statistics
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -40,6 +40,12 @@ def _attention_projections(module: nn.Module) -> tuple[nn.Module, nn.Module] | N
     if all(isinstance(getattr(module, name, None), nn.Module) for name in CLASSIC_PROJECTION_NAMES):
         return module.query, module.value
     return None
+
+
+def image_forward(model: nn.Module) -> Callable[..., Any]:
+    """What runs ``model`` on images alone: the model itself, or a two-tower model's (CLIPModel, SiglipModel)
+    ``get_image_features``, whose forward needs text too. It is the image path, the part compression changes."""
+    return model.get_image_features if hasattr(model, "get_text_features") else model
 
 
 @torch.no_grad()
@@ -92,10 +98,8 @@ def count_macs(model: nn.Module, pixel_values: torch.Tensor, attn_implementation
             handles.append(module.register_forward_hook(attention_hook, with_kwargs=True))
         elif isinstance(module, nn.MultiheadAttention):  # SigLIP's pooling head: projections run as F.linear
             handles.append(module.register_forward_hook(multihead_hook, with_kwargs=True))
-    # a two-tower model (CLIPModel, SiglipModel): its image path, the part compression changes
-    forward = model.get_image_features if hasattr(model, "get_text_features") else model
     try:
-        forward(pixel_values=pixel_values)
+        image_forward(model)(pixel_values=pixel_values)
     finally:
         for handle in handles:
             handle.remove()
@@ -110,12 +114,12 @@ def measure_latency(
     for model in models.values():
         model.eval()
         for _ in range(warmup):
-            model(pixel_values=pixel_values)
+            image_forward(model)(pixel_values=pixel_values)
     samples: dict[str, list[float]] = {name: [] for name in models}
     for _ in range(repeats):
         for name, model in models.items():
             start = time.perf_counter()
-            model(pixel_values=pixel_values)
+            image_forward(model)(pixel_values=pixel_values)
             samples[name].append(time.perf_counter() - start)
     return {name: statistics.median(values) for name, values in samples.items()}
 

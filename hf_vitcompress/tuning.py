@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from .attention import HeadFactorizedAttention
+from .evaluation import image_forward
 from .kernels.lowrank import triton_available
 from .layers import LowRankLinear
 from .plan import CompressionPlan, count_parameters, set_submodule
@@ -60,7 +61,7 @@ def _forward(model: nn.Module, example_inputs: Any) -> None:
     if isinstance(example_inputs, dict):
         model(**{k: v for k, v in example_inputs.items() if k != "labels"})
     else:
-        model(pixel_values=example_inputs)
+        image_forward(model)(pixel_values=example_inputs)
 
 
 def _synchronize(device: torch.device) -> None:

@@ -230,7 +230,7 @@ def test_tune_times_a_compressed_backbone_and_its_choice_reloads(tmp_path):
     assert torch.equal(features(loaded, images(4)), features(small, images(4)))
 
 
-# -- CLIP and SigLIP vision towers: activation_aware and head_factorization; pruning refuses them ------------
+# -- CLIP and SigLIP vision towers (and the image towers of full CLIPModel / SiglipModel): every method ---------
 VISION_TOWERS = [CLIPVisionModel, CLIPVisionModelWithProjection, SiglipVisionModel]
 
 
@@ -549,7 +549,14 @@ def tiny_swin(cls: type) -> torch.nn.Module:
     torch.manual_seed(0)
     config_class = Swinv2Config if cls in SWINV2 else SwinConfig
     config = config_class(
-        image_size=32, patch_size=4, embed_dim=16, depths=[2, 2], num_heads=[2, 4], window_size=4, num_labels=5
+        image_size=32,
+        patch_size=4,
+        embed_dim=16,
+        depths=[2, 2],
+        num_heads=[2, 4],
+        window_size=4,
+        num_labels=5,
+        drop_path_rate=0.0,  # no stochastic depth when a test trains it
     )
     if cls in (SwinBackbone, Swinv2Backbone):
         config.out_features = ["stage1", "stage2"]

@@ -553,3 +553,54 @@ def test_a_backbone_is_distilled_on_its_features(tmp_path, pixels, backbone):
     assert feature_error() < 0.8 * before
     logged = [entry["distill/kd"] for entry in trainer.state.log_history if "distill/kd" in entry]
     assert logged and logged[-1] < logged[0]
+
+
+@pytest.mark.parametrize("family", ["swin", "clip"])
+def test_a_swin_and_a_two_tower_clip_are_distilled_and_tuned(tmp_path, family):
+    """The families whose blocks come in stages (Swin) or sit in one tower of two (CLIPModel) train with
+    DistillationTrainer like a ViT (the kd error on what users consume drops), and tune merges their factor pairs
+    back without changing the function."""
+    from hf_vitcompress import tune
+    from hf_vitcompress.calibration.validation import output_of
+
+    from .test_families import images, tiny_swin, tiny_two_towers
+
+    pixels = images(32, 32, 32) if family == "swin" else images(32)
+    if family == "swin":  # features (a tiny random classifier's class distribution is nearly uniform)
+        from transformers import SwinModel
+
+        teacher = tiny_swin(SwinModel)
+    else:
+        from transformers import CLIPModel
+
+        teacher = tiny_two_towers(CLIPModel)
+    student = compress(teacher, CompressionConfig(target_param_ratio=0.3), pixels, progress=False)
+
+    def outputs(model):
+        if family == "clip":  # the image embeddings a zero-shot classifier compares with the text ones
+            return model.get_image_features(pixel_values=pixels).pooler_output
+        return output_of(model(pixel_values=pixels))[1]
+
+    @torch.no_grad()
+    def error():
+        student.eval()
+        reference = outputs(teacher)
+        return float((outputs(student) - reference).norm() / reference.norm())
+
+    before = error()
+    data = [{"pixel_values": p} for p in pixels]
+    args = make_args(tmp_path, alpha=1.0, max_steps=30, learning_rate=3e-4)
+    if family == "clip":  # the image tower alone: DistillationTrainer calls the model with images only
+        trainer = DistillationTrainer(
+            model=student.vision_model, teacher=teacher.vision_model, args=args, train_dataset=data
+        )
+    else:
+        trainer = DistillationTrainer(model=student, teacher=teacher, args=args, train_dataset=data)
+    trainer.train()
+    assert error() < 0.9 * before
+    with torch.no_grad():
+        tuned_before = outputs(student)
+    timings = tune(student, pixels[:4], choices=("dense",), repeats=1, warmup=0)
+    assert timings and student.compression_plan.tuning["merged_to_dense"]
+    with torch.no_grad():
+        torch.testing.assert_close(outputs(student), tuned_before, rtol=1e-4, atol=1e-5)
