@@ -191,5 +191,10 @@ def build_family(
     or ``None``): makes their compressed classes in ``module``, registers them, and records the ``facts``
     (the other :class:`FamilyAdapter` fields). The compressed classes are ``adapter.compressed_classes``."""
     compressed = {dense: make_compressed_model_class(dense, config_class, module) for dense in classes}
-    register_family_classes(config_class, {auto: compressed[dense] for dense, auto in classes.items() if auto})
+    autos: dict[str, list[type]] = {}
+    for dense, auto in classes.items():
+        if auto:
+            autos.setdefault(auto, []).append(compressed[dense])
+    # several classes for one Auto class register as a tuple: transformers builds the one `architectures` names
+    register_family_classes(config_class, {auto: c[0] if len(c) == 1 else tuple(c) for auto, c in autos.items()})
     return FamilyAdapter(compressed_classes=compressed, config_class=config_class, **facts)

@@ -9,44 +9,22 @@ head-factorized attention receives it like the dense one and keeps the rows of t
 
 from __future__ import annotations
 
-from huggingface_hub.dataclasses import strict
 from transformers import BeitConfig, BeitForImageClassification, BeitModel, BeitPreTrainedModel
 
-from ..modeling_utils import CompressedConfigMixin, make_compressed_model_class, register_family_classes
-from .base import FamilyAdapter
+from ..modeling_utils import make_compressed_config_class
+from .base import build_family
 from .vit import TRANSFORMER_BLOCK_LINEARS
 
-
-@strict
-class CompressedBeitConfig(CompressedConfigMixin, BeitConfig):
-    """``BeitConfig`` plus the compression config and plan, under its own ``model_type``."""
-
-    model_type = "vitcompress_beit"
-
-    compression_config: dict | None = None
-    compression_plan: dict | None = None
-    compression_provenance: dict | None = None
-
-
-CompressedBeitModel = make_compressed_model_class(BeitModel, CompressedBeitConfig, __name__)
-CompressedBeitForImageClassification = make_compressed_model_class(
-    BeitForImageClassification, CompressedBeitConfig, __name__
-)
-register_family_classes(
+CompressedBeitConfig = make_compressed_config_class(BeitConfig, "vitcompress_beit", __name__)
+BEIT_FAMILY = build_family(
+    __name__,
     CompressedBeitConfig,
-    {"AutoModel": CompressedBeitModel, "AutoModelForImageClassification": CompressedBeitForImageClassification},
-)
-
-BEIT_FAMILY = FamilyAdapter(
+    {BeitModel: "AutoModel", BeitForImageClassification: "AutoModelForImageClassification"},
     name="beit",
     base_model_type="beit",
     pretrained_class=BeitPreTrainedModel,
     backbone_attr="beit",
     linear_groups=TRANSFORMER_BLOCK_LINEARS,
-    compressed_classes={
-        BeitModel: CompressedBeitModel,
-        BeitForImageClassification: CompressedBeitForImageClassification,
-    },
     shared_input_groups=(0,),  # attention.{q,k,v}_proj: BeitAttention reads its input only through them
-    config_class=CompressedBeitConfig,
 )
+CompressedBeitModel, CompressedBeitForImageClassification = BEIT_FAMILY.compressed_classes.values()

@@ -15,7 +15,6 @@ the text tower as it was (:func:`hf_vitcompress.compress.compress_image_tower`).
 from __future__ import annotations
 
 import torch
-from huggingface_hub.dataclasses import strict
 from transformers import (
     CLIPConfig,
     CLIPModel,
@@ -25,13 +24,8 @@ from transformers import (
     CLIPVisionModelWithProjection,
 )
 
-from ..modeling_utils import (
-    CompressedConfigMixin,
-    make_compressed_config_class,
-    make_compressed_model_class,
-    register_family_classes,
-)
-from .base import FamilyAdapter, build_family
+from ..modeling_utils import make_compressed_config_class
+from .base import build_family
 
 # CLIP's and SigLIP's encoder layer (and BERT-style encoders with self_attn / out_proj names)
 SELF_ATTENTION_BLOCK_LINEARS = (
@@ -42,38 +36,21 @@ SELF_ATTENTION_BLOCK_LINEARS = (
 )
 
 
-@strict
-class CompressedCLIPVisionConfig(CompressedConfigMixin, CLIPVisionConfig):
-    """``CLIPVisionConfig`` plus the compression config and plan, under its own ``model_type``."""
-
-    model_type = "vitcompress_clip_vision_model"
-
-    compression_config: dict | None = None
-    compression_plan: dict | None = None
-    compression_provenance: dict | None = None
-
-
-CompressedCLIPVisionModel = make_compressed_model_class(CLIPVisionModel, CompressedCLIPVisionConfig, __name__)
-CompressedCLIPVisionModelWithProjection = make_compressed_model_class(
-    CLIPVisionModelWithProjection, CompressedCLIPVisionConfig, __name__
-)
-# transformers maps clip_vision_model to CLIPVisionModel only: ...WithProjection loads through its own class.
-register_family_classes(CompressedCLIPVisionConfig, {"AutoModel": CompressedCLIPVisionModel})
-
-CLIP_VISION_FAMILY = FamilyAdapter(
+CompressedCLIPVisionConfig = make_compressed_config_class(CLIPVisionConfig, "vitcompress_clip_vision_model", __name__)
+CLIP_VISION_FAMILY = build_family(
+    __name__,
+    CompressedCLIPVisionConfig,
+    # transformers maps clip_vision_model to CLIPVisionModel only: ...WithProjection loads through its own class.
+    {CLIPVisionModel: "AutoModel", CLIPVisionModelWithProjection: None},
     name="clip_vision",
     base_model_type="clip_vision_model",
     pretrained_class=CLIPPreTrainedModel,
     backbone_attr="vision_model",
     linear_groups=SELF_ATTENTION_BLOCK_LINEARS,
-    compressed_classes={
-        CLIPVisionModel: CompressedCLIPVisionModel,
-        CLIPVisionModelWithProjection: CompressedCLIPVisionModelWithProjection,
-    },
     shared_input_groups=(0,),  # self_attn.{q,k,v}_proj: CLIPAttention reads its input only through them
-    config_class=CompressedCLIPVisionConfig,
     block_path="encoder.layers",  # vision_model.encoder.layers in ...WithProjection (backbone_attr)
 )
+CompressedCLIPVisionModel, CompressedCLIPVisionModelWithProjection = CLIP_VISION_FAMILY.compressed_classes.values()
 
 
 def clip_image_tower(model: CLIPModel) -> CLIPVisionModelWithProjection:

@@ -11,7 +11,6 @@ With three linears named ``dense`` per block, ``target_modules`` should name mod
 
 from __future__ import annotations
 
-from huggingface_hub.dataclasses import strict
 from transformers import (
     Data2VecVisionConfig,
     Data2VecVisionForImageClassification,
@@ -19,8 +18,8 @@ from transformers import (
     Data2VecVisionPreTrainedModel,
 )
 
-from ..modeling_utils import CompressedConfigMixin, make_compressed_model_class, register_family_classes
-from .base import FamilyAdapter
+from ..modeling_utils import make_compressed_config_class
+from .base import build_family
 
 CLASSIC_BLOCK_LINEARS = (
     ("attention.attention.query", "attention.attention.key", "attention.attention.value"),
@@ -30,43 +29,22 @@ CLASSIC_BLOCK_LINEARS = (
 )
 
 
-@strict
-class CompressedData2VecVisionConfig(CompressedConfigMixin, Data2VecVisionConfig):
-    """``Data2VecVisionConfig`` plus the compression config and plan, under its own ``model_type``."""
-
-    model_type = "vitcompress_data2vec_vision"
-
-    compression_config: dict | None = None
-    compression_plan: dict | None = None
-    compression_provenance: dict | None = None
-
-
-CompressedData2VecVisionModel = make_compressed_model_class(
-    Data2VecVisionModel, CompressedData2VecVisionConfig, __name__
+CompressedData2VecVisionConfig = make_compressed_config_class(
+    Data2VecVisionConfig, "vitcompress_data2vec_vision", __name__
 )
-CompressedData2VecVisionForImageClassification = make_compressed_model_class(
-    Data2VecVisionForImageClassification, CompressedData2VecVisionConfig, __name__
-)
-register_family_classes(
+DATA2VEC_VISION_FAMILY = build_family(
+    __name__,
     CompressedData2VecVisionConfig,
-    {
-        "AutoModel": CompressedData2VecVisionModel,
-        "AutoModelForImageClassification": CompressedData2VecVisionForImageClassification,
-    },
-)
-
-DATA2VEC_VISION_FAMILY = FamilyAdapter(
+    {Data2VecVisionModel: "AutoModel", Data2VecVisionForImageClassification: "AutoModelForImageClassification"},
     name="data2vec_vision",
     base_model_type="data2vec-vision",
     pretrained_class=Data2VecVisionPreTrainedModel,
     backbone_attr="data2vec_vision",
     linear_groups=CLASSIC_BLOCK_LINEARS,
-    compressed_classes={
-        Data2VecVisionModel: CompressedData2VecVisionModel,
-        Data2VecVisionForImageClassification: CompressedData2VecVisionForImageClassification,
-    },
     shared_input_groups=(0,),  # attention.attention.{query,key,value}: the self-attention reads its input only so
-    config_class=CompressedData2VecVisionConfig,
     block_path="encoder.layer",
     methods=("activation_aware",),
+)
+CompressedData2VecVisionModel, CompressedData2VecVisionForImageClassification = (
+    DATA2VEC_VISION_FAMILY.compressed_classes.values()
 )

@@ -6,7 +6,6 @@ distilled variant carries a second (distillation) token, which changes nothing h
 
 from __future__ import annotations
 
-from huggingface_hub.dataclasses import strict
 from transformers import (
     DeiTConfig,
     DeiTForImageClassification,
@@ -15,53 +14,30 @@ from transformers import (
     DeiTPreTrainedModel,
 )
 
-from ..modeling_utils import CompressedConfigMixin, make_compressed_model_class, register_family_classes
-from .base import FamilyAdapter
+from ..modeling_utils import make_compressed_config_class
+from .base import build_family
 from .vit import TRANSFORMER_BLOCK_LINEARS
 
-
-@strict
-class CompressedDeiTConfig(CompressedConfigMixin, DeiTConfig):
-    """``DeiTConfig`` plus the compression config and plan, under its own ``model_type``."""
-
-    model_type = "vitcompress_deit"
-
-    compression_config: dict | None = None
-    compression_plan: dict | None = None
-    compression_provenance: dict | None = None
-
-
-CompressedDeiTModel = make_compressed_model_class(DeiTModel, CompressedDeiTConfig, __name__)
-CompressedDeiTForImageClassification = make_compressed_model_class(
-    DeiTForImageClassification, CompressedDeiTConfig, __name__
-)
-CompressedDeiTForImageClassificationWithTeacher = make_compressed_model_class(
-    DeiTForImageClassificationWithTeacher, CompressedDeiTConfig, __name__
-)
+CompressedDeiTConfig = make_compressed_config_class(DeiTConfig, "vitcompress_deit", __name__)
 # Every distilled checkpoint (``facebook/deit-*-distilled-*``) is a ``...WithTeacher``. As transformers does for ``deit``
 # (its image-classification mapping lists both classes), both are registered for AutoModelForImageClassification
 # and transformers builds the one named in the checkpoint's ``architectures`` (the plain classifier when none
 # matches), so a compressed distilled model reloads with its two heads, also from checkpoints of earlier releases.
-_AUTO_CLASSES = {
-    "AutoModel": CompressedDeiTModel,
-    "AutoModelForImageClassification": (
-        CompressedDeiTForImageClassification,
-        CompressedDeiTForImageClassificationWithTeacher,
-    ),
-}
-register_family_classes(CompressedDeiTConfig, _AUTO_CLASSES)
-
-DEIT_FAMILY = FamilyAdapter(
+DEIT_FAMILY = build_family(
+    __name__,
+    CompressedDeiTConfig,
+    {
+        DeiTModel: "AutoModel",
+        DeiTForImageClassification: "AutoModelForImageClassification",
+        DeiTForImageClassificationWithTeacher: "AutoModelForImageClassification",
+    },
     name="deit",
     base_model_type="deit",
     pretrained_class=DeiTPreTrainedModel,
     backbone_attr="deit",
     linear_groups=TRANSFORMER_BLOCK_LINEARS,
-    compressed_classes={
-        DeiTModel: CompressedDeiTModel,
-        DeiTForImageClassification: CompressedDeiTForImageClassification,
-        DeiTForImageClassificationWithTeacher: CompressedDeiTForImageClassificationWithTeacher,
-    },
     shared_input_groups=(0,),  # attention.{q,k,v}_proj: ViTAttention reads its input only through them
-    config_class=CompressedDeiTConfig,
+)
+CompressedDeiTModel, CompressedDeiTForImageClassification, CompressedDeiTForImageClassificationWithTeacher = (
+    DEIT_FAMILY.compressed_classes.values()
 )

@@ -15,7 +15,6 @@ Position embeddings are always interpolated to the input size by the model itsel
 
 from __future__ import annotations
 
-from huggingface_hub.dataclasses import strict
 from transformers import (
     Dinov2Backbone,
     Dinov2Config,
@@ -29,8 +28,8 @@ from transformers import (
     Dinov2WithRegistersPreTrainedModel,
 )
 
-from ..modeling_utils import CompressedConfigMixin, make_compressed_model_class, register_family_classes
-from .base import FamilyAdapter
+from ..modeling_utils import make_compressed_config_class
+from .base import FamilyAdapter, build_family
 
 DINOV2_BLOCK_LINEARS = (
     ("attention.q_proj", "attention.k_proj", "attention.v_proj"),
@@ -42,45 +41,24 @@ DINOV2_BLOCK_LINEARS = (
 )
 
 
-@strict
-class CompressedDinov2Config(CompressedConfigMixin, Dinov2Config):
-    """``Dinov2Config`` plus the compression config and plan, under its own ``model_type``."""
-
-    model_type = "vitcompress_dinov2"
-
-    compression_config: dict | None = None
-    compression_plan: dict | None = None
-    compression_provenance: dict | None = None
-
-
-@strict
-class CompressedDinov2WithRegistersConfig(CompressedConfigMixin, Dinov2WithRegistersConfig):
-    """``Dinov2WithRegistersConfig`` plus the compression config and plan, under its own ``model_type``."""
-
-    model_type = "vitcompress_dinov2_with_registers"
-
-    compression_config: dict | None = None
-    compression_plan: dict | None = None
-    compression_provenance: dict | None = None
+CompressedDinov2Config = make_compressed_config_class(Dinov2Config, "vitcompress_dinov2", __name__)
+CompressedDinov2WithRegistersConfig = make_compressed_config_class(
+    Dinov2WithRegistersConfig, "vitcompress_dinov2_with_registers", __name__
+)
 
 
 def _family(name: str, base_model_type: str, pretrained: type, config_class: type, dense: tuple) -> FamilyAdapter:
     """The adapter for one of the two DINOv2 model types: ``dense`` is its (model, classifier, backbone)."""
-    compressed = {cls: make_compressed_model_class(cls, config_class, __name__) for cls in dense}
-    model, classifier, backbone = (compressed[cls] for cls in dense)
-    register_family_classes(
+    return build_family(
+        __name__,
         config_class,
-        {"AutoModel": model, "AutoModelForImageClassification": classifier, "AutoBackbone": backbone},
-    )
-    return FamilyAdapter(
+        dict(zip(dense, ("AutoModel", "AutoModelForImageClassification", "AutoBackbone"), strict=True)),
         name=name,
         base_model_type=base_model_type,
         pretrained_class=pretrained,
         backbone_attr=pretrained.base_model_prefix,
         linear_groups=DINOV2_BLOCK_LINEARS,
-        compressed_classes=compressed,
         shared_input_groups=(0,),  # attention.{q,k,v}_proj: Dinov2Attention reads its input only through them
-        config_class=config_class,
         block_path="encoder.layer",
     )
 

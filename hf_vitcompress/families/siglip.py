@@ -13,45 +13,28 @@ compressed as above and its text tower kept, so zero-shot classification still r
 
 from __future__ import annotations
 
-from huggingface_hub.dataclasses import strict
 from transformers import SiglipConfig, SiglipModel, SiglipPreTrainedModel, SiglipVisionConfig, SiglipVisionModel
 
-from ..modeling_utils import (
-    CompressedConfigMixin,
-    make_compressed_config_class,
-    make_compressed_model_class,
-    register_family_classes,
-)
-from .base import FamilyAdapter, build_family
+from ..modeling_utils import make_compressed_config_class
+from .base import build_family
 from .clip import SELF_ATTENTION_BLOCK_LINEARS
 
-
-@strict
-class CompressedSiglipVisionConfig(CompressedConfigMixin, SiglipVisionConfig):
-    """``SiglipVisionConfig`` plus the compression config and plan, under its own ``model_type``."""
-
-    model_type = "vitcompress_siglip_vision_model"
-
-    compression_config: dict | None = None
-    compression_plan: dict | None = None
-    compression_provenance: dict | None = None
-
-
-CompressedSiglipVisionModel = make_compressed_model_class(SiglipVisionModel, CompressedSiglipVisionConfig, __name__)
-register_family_classes(CompressedSiglipVisionConfig, {"AutoModel": CompressedSiglipVisionModel})
-
-SIGLIP_VISION_FAMILY = FamilyAdapter(
+CompressedSiglipVisionConfig = make_compressed_config_class(
+    SiglipVisionConfig, "vitcompress_siglip_vision_model", __name__
+)
+SIGLIP_VISION_FAMILY = build_family(
+    __name__,
+    CompressedSiglipVisionConfig,
+    {SiglipVisionModel: "AutoModel"},
     name="siglip_vision",
     base_model_type="siglip_vision_model",
     pretrained_class=SiglipPreTrainedModel,
     backbone_attr="vision_model",
     linear_groups=SELF_ATTENTION_BLOCK_LINEARS,
-    compressed_classes={SiglipVisionModel: CompressedSiglipVisionModel},
     shared_input_groups=(0,),  # self_attn.{q,k,v}_proj: SiglipAttention reads its input only through them
-    config_class=CompressedSiglipVisionConfig,
-    block_path="encoder.layers",  # vision_model.encoder.layers in ...WithProjection (backbone_attr)
+    block_path="encoder.layers",
 )
-
+(CompressedSiglipVisionModel,) = SIGLIP_VISION_FAMILY.compressed_classes.values()
 
 CompressedSiglipConfig = make_compressed_config_class(SiglipConfig, "vitcompress_siglip", __name__)
 SIGLIP_FAMILY = build_family(
