@@ -59,7 +59,7 @@ class LayerTiming:
 
 def _forward(model: nn.Module, example_inputs: Any) -> None:
     if isinstance(example_inputs, dict):
-        model(**{k: v for k, v in example_inputs.items() if k != "labels"})
+        image_forward(model)(**{k: v for k, v in example_inputs.items() if k != "labels"})
     else:
         image_forward(model)(pixel_values=example_inputs)
 

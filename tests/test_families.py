@@ -45,7 +45,7 @@ from transformers import (
     Swinv2Model,
 )
 
-from hf_vitcompress import CompressionConfig, compress, count_parameters
+from hf_vitcompress import CompressionConfig, PruningError, compress, count_parameters
 from hf_vitcompress.attention import HeadFactorizedAttention
 from hf_vitcompress.calibration.validation import output_of
 from hf_vitcompress.compress import resolve_targets
@@ -312,6 +312,7 @@ def test_the_image_tower_of_a_two_tower_model_is_compressed_and_zero_shot_still_
     before = {name: tensor.clone() for name, tensor in dense.state_dict().items()}
     small, family = compressed_as_its_family(dense, METHODS[method])
     assert all(torch.equal(tensor, before[name]) for name, tensor in dense.state_dict().items())  # not modified
+    assert type(small.vision_model) is type(dense.vision_model)  # the tower is the full model's child again
     # as in the dense model, the tower's modules read the full model's vision config (one object)
     assert dense.vision_model.config is dense.config.vision_config
     configs = {id(m.config) for m in small.vision_model.modules() if hasattr(m, "config")}
@@ -336,6 +337,9 @@ def test_the_image_tower_of_a_two_tower_model_is_compressed_and_zero_shot_still_
             small.get_text_features(input_ids=torch.tensor([[3, 4, 5]])).pooler_output, text.pooler_output
         )
     assert zero_shot(small, images(2)).shape == (2, 3)
+    from hf_vitcompress.evaluation import measure_latency
+
+    assert set(measure_latency({"dense": dense, "small": small}, images(2), repeats=1, warmup=0)) == {"dense", "small"}
     loaded = reload(small, tmp_path)
     assert type(loaded) is type(small) and same_weights(loaded, small)
     assert torch.equal(zero_shot(loaded, images(2)), zero_shot(small, images(2)))
@@ -675,15 +679,53 @@ def test_a_swin_pruned_at_a_padded_size_meets_its_budget_there():
     assert (first.tokens, first.attention_tokens, first.span) == (120, 144, 16)
 
 
+def test_the_search_costs_every_swin_block_at_its_own_shape_and_measuring_leaves_the_model_as_it_was():
+    """UVC's expected MACs (all blocks at once, from stacked shapes) equal the dense count at zero pruning, and
+    measuring the structure (one forward at 32 px, which clamps Swin's window state) leaves the model unchanged."""
+    from hf_vitcompress.methods.pruning.search import UVCController
+
+    dense = tiny_swin(SwinModel)
+    family = family_for(dense)
+    windows = family.forward_state_of(dense)
+    structure = PrunableModel.of(dense)
+    assert family.forward_state_of(dense) == windows
+    assert len({(b.hidden, b.tokens) for b in structure.blocks}) == 2  # two stages, two shapes
+    controller = UVCController(structure, SWIN_METHODS["pruning"], int(0.5 * structure.dense_macs))
+    assert int(controller.expected_macs()) == structure.dense_macs
+
+
+def test_the_head_mixing_statistics_of_a_shifted_swin_block_use_its_bias_and_window_mask():
+    """The per-head Grams of the attention-mixed tokens (head factorization's metric) come from the dense
+    attention's own probabilities: bias and shifted-window mask included."""
+    from hf_vitcompress.calibration.attention_mixing import HeadMixingStatistics, record_head_mixing
+
+    dense = tiny_swin(SwinModel)
+    dense.set_attn_implementation("eager")
+    name = "encoder.layers.0.blocks.1.attention"  # the shifted block of stage 0
+    attention = dense.get_submodule(name)
+    seen = {}
+    attention.register_forward_hook(lambda m, args, output: seen.update(x=args[0], probabilities=output[1]))
+    statistics: dict[str, HeadMixingStatistics] = {}
+    with torch.no_grad(), record_head_mixing(dense, [name], statistics):
+        dense(pixel_values=images(2, 32, 32), output_attentions=True)
+    assert dense.get_submodule("encoder.layers.0.blocks.1").shift_size > 0
+    mixed = seen["probabilities"].double() @ seen["x"].double()[:, None]  # [windows, heads, tokens, width]
+    expected = torch.einsum("bhtd,bhte->hde", mixed, mixed)
+    torch.testing.assert_close(statistics[name].grams, expected, rtol=1e-4, atol=1e-6)
+
+
 def test_swin_refuses_what_does_not_apply_and_says_what_works():
     swin, swinv2 = tiny_swin(SwinModel), tiny_swin(Swinv2Model)
     with pytest.raises(ValueError, match="skip_blocks=True would replace whole blocks.*skip_blocks=False"):
         compress(swin, METHODS["pruning"], images(16, 32, 32), progress=False)
     with pytest.raises(ValueError, match="method='head_factorization' does not handle Swinv2Model"):
         compress(swinv2, METHODS["head_factorization"], images(16, 32, 32), progress=False)
-    sequential = dataclasses.replace(METHODS["activation_aware"], sequential=True)
-    with pytest.raises(ValueError, match="stages with a patch merging between them"):
-        compress(swin, sequential, images(16, 32, 32), progress=False)
+    for block_by_block in (dict(sequential=True), dict(compensation_rank=2, shared_qkv=False)):
+        config = dataclasses.replace(METHODS["activation_aware"], **block_by_block)
+        with pytest.raises(ValueError, match="stages with a patch merging between them"):
+            compress(swin, config, images(16, 32, 32), progress=False)
+    with pytest.raises(PruningError, match="two towers and pruning works on one"):
+        PrunableModel.of(tiny_two_towers(CLIPModel))
 
 
 @pytest.mark.parametrize("dense_class", [SwinModel, Swinv2Model], ids=lambda cls: cls.__name__)

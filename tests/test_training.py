@@ -600,7 +600,7 @@ def test_a_swin_and_a_two_tower_clip_are_distilled_and_tuned(tmp_path, family):
     assert error() < 0.9 * before
     with torch.no_grad():
         tuned_before = outputs(student)
-    timings = tune(student, pixels[:4], choices=("dense",), repeats=1, warmup=0)
+    timings = tune(student, {"pixel_values": pixels[:4]}, choices=("dense",), repeats=1, warmup=0)  # as a batch
     assert timings and student.compression_plan.tuning["merged_to_dense"]
     with torch.no_grad():
         torch.testing.assert_close(outputs(student), tuned_before, rtol=1e-4, atol=1e-5)

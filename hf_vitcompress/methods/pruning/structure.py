@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from ...attention import attention_heads, attention_projection_names
-from ...calibration.data import image_size_of, interpolated_positions
+from ...calibration.data import image_config_of, image_size_of, interpolated_positions
 from ...evaluation import count_macs
 from ...families import family_for
 
@@ -143,6 +143,12 @@ class PrunableModel:
         count and a later one of the pruned model agree by construction.
         """
         family = family_for(model)
+        if family.image_tower is not None:
+            raise PruningError(
+                f"{type(model).__name__} is two towers and pruning works on one: compress(model, config) prunes its "
+                "image tower and keeps the text tower; to search the structure with PruningTrainer, train the image "
+                "tower (e.g. model.vision_model) on images."
+            )
         names = family.block_names(model)
         blocks = [model.get_submodule(name) for name in names]
         parts, layouts = [], set()
@@ -288,7 +294,8 @@ def _measure(
     the tokens entering the block, and the rows and the sequence length its attention is called with."""
     config = model.config
     parameter = next(model.parameters())
-    pixels = torch.zeros(1, config.num_channels, *image_size, dtype=parameter.dtype, device=parameter.device)
+    channels = image_config_of(config).num_channels
+    pixels = torch.zeros(1, channels, *image_size, dtype=parameter.dtype, device=parameter.device)
     tokens: dict[int, int] = {}
     attention_calls: dict[int, tuple[int, int]] = {}
 
