@@ -341,7 +341,7 @@ def compress_image_tower(
     small_tower = compress(tower, config, calibration_data, progress=progress, distributed=distributed)
     tower_config, tower_plan = small_tower.config, small_tower.compression_plan
     report, provenance = small_tower.compression_report, tower_config.compression_provenance
-    full = copy.deepcopy(model)  # the text tower, untouched
+    full = _copy_without(model, [child for child, _ in family.image_tower_parts])  # the text tower, untouched
     renamed: dict[str, str] = {}  # the tower's module names -> the full model's
     for child, attribute in family.image_tower_parts:
         part = small_tower.get_submodule(attribute) if attribute else small_tower
@@ -368,6 +368,19 @@ def compress_image_tower(
         "parameters": tower_plan.parameters,
     }
     return compressed
+
+
+def _copy_without(model: nn.Module, children: list[str]) -> nn.Module:
+    """A deep copy of ``model`` without the named children (``None`` in the copy, to be set): the parts about to be
+    replaced are not copied, so a two-tower model is not held twice with its dense image tower."""
+    kept = {child: getattr(model, child) for child in children}
+    try:
+        for child in children:
+            setattr(model, child, None)
+        return copy.deepcopy(model)
+    finally:
+        for child, module in kept.items():
+            setattr(model, child, module)
 
 
 def finish_compressed(

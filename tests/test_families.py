@@ -311,7 +311,8 @@ def test_the_image_tower_of_a_two_tower_model_is_compressed_and_zero_shot_still_
     dense = tiny_two_towers(dense_class)
     before = {name: tensor.clone() for name, tensor in dense.state_dict().items()}
     small, family = compressed_as_its_family(dense, METHODS[method])
-    assert all(torch.equal(tensor, before[name]) for name, tensor in dense.state_dict().items())  # not modified
+    after = dense.state_dict()  # the user's model is not modified, nor left without a tower
+    assert after.keys() == before.keys() and all(torch.equal(after[name], before[name]) for name in before)
     assert type(small.vision_model) is type(dense.vision_model)  # the tower is the full model's child again
     # as in the dense model, the tower's modules read the full model's vision config (one object)
     assert dense.vision_model.config is dense.config.vision_config
