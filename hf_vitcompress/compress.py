@@ -338,7 +338,12 @@ def compress_image_tower(
     tower's; the plan counts the whole model's parameters, and the provenance records the tower's own counts.
     """
     tower = family.image_tower(model)
-    small_tower = compress(tower, config, calibration_data, progress=progress, distributed=distributed)
+    asked = config
+    if config.target_modules:  # full-model names (vision_model.encoder...) as the tower names its modules
+        asked = dataclasses.replace(
+            config, target_modules=[_tower_name(entry, family.image_tower_parts) for entry in config.target_modules]
+        )
+    small_tower = compress(tower, asked, calibration_data, progress=progress, distributed=distributed)
     tower_config, tower_plan = small_tower.config, small_tower.compression_plan
     report, provenance = small_tower.compression_report, tower_config.compression_provenance
     full = _copy_without(model, [child for child, _ in family.image_tower_parts])  # the text tower, untouched
@@ -368,6 +373,15 @@ def compress_image_tower(
         "parameters": tower_plan.parameters,
     }
     return compressed
+
+
+def _tower_name(name: str, parts: tuple[tuple[str, str], ...]) -> str:
+    """A full two-tower model's module name as its image tower names it (role names pass unchanged)."""
+    for child, attribute in parts:
+        if name == child or name.startswith(f"{child}."):
+            rest = name[len(child) :].lstrip(".")
+            return ".".join(part for part in (attribute, rest) if part)
+    return name
 
 
 def _copy_without(model: nn.Module, children: list[str]) -> nn.Module:

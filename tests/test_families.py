@@ -371,6 +371,17 @@ def test_a_two_tower_model_records_its_image_towers_outputs_as_the_dense_one(den
         torch.testing.assert_close(recorded, truth, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("dense_class", [CLIPModel, SiglipModel], ids=lambda cls: cls.__name__)
+def test_target_modules_of_a_two_tower_model_name_its_own_modules(dense_class):
+    """target_modules name the full model's modules (what the user sees), whatever the tower calls them."""
+    dense = tiny_two_towers(dense_class)
+    name = "vision_model.encoder.layers.1.mlp.fc1"
+    config = dataclasses.replace(METHODS["activation_aware"], target_param_ratio=0.97, target_modules=[name])
+    small = compress(dense, config, images(), progress=False)
+    assert list(small.compression_plan.layers) == [name]
+    assert small.config.compression_config["target_modules"] == [name]  # recorded as asked
+
+
 def test_the_clip_image_tower_is_calibrated_on_the_image_embeddings():
     """CLIPModel's tower is compressed as a CLIPVisionModelWithProjection of its own modules: the same plan and
     image embeddings as compressing that tower class loaded from the same weights."""
