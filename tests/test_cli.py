@@ -176,6 +176,8 @@ def test_unreachable_ratio_leaves_nothing_behind(tmp_path, capsys):
         ("Dinov2Backbone", "vitcompress_dinov2"),
         ("CLIPVisionModel", "vitcompress_clip_vision_model"),
         ("CLIPModel", "vitcompress_clip"),
+        ("SiglipVisionModel", "vitcompress_siglip_vision_model"),
+        ("SiglipModel", "vitcompress_siglip"),
     ],
 )
 def test_the_cli_compresses_a_backbone_as_a_backbone(tmp_path, capsys, dense_class, model_type):
@@ -188,16 +190,18 @@ def test_the_cli_compresses_a_backbone_as_a_backbone(tmp_path, capsys, dense_cla
 
     if dense_class.startswith("Dinov2"):
         dense = tiny_dinov2(getattr(transformers, dense_class), image_size=28, num_channels=1)  # Fashion-MNIST
-    else:
+    else:  # CLIP or SigLIP: a vision tower, or a two-tower model (image tower compressed, text tower kept)
+        prefix = "CLIP" if dense_class.startswith("CLIP") else "Siglip"
         sizes = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4)
-        vision = transformers.CLIPVisionConfig(**sizes, image_size=28, patch_size=4, num_channels=1)
-        if dense_class == "CLIPVisionModel":
-            dense = transformers.CLIPVisionModel(vision)
-        else:  # the image tower is compressed, the text tower kept: a zero-shot classifier still
+        vision = getattr(transformers, f"{prefix}VisionConfig")(**sizes, image_size=28, patch_size=4, num_channels=1)
+        if dense_class.endswith("VisionModel"):
+            dense = getattr(transformers, dense_class)(vision)
+        else:
             text = dict(
                 sizes, vocab_size=99, max_position_embeddings=16, bos_token_id=0, eos_token_id=2, pad_token_id=1
             )
-            dense = transformers.CLIPModel(transformers.CLIPConfig(text_config=text, vision_config=vision.to_dict()))
+            config = getattr(transformers, f"{prefix}Config")(text_config=text, vision_config=vision.to_dict())
+            dense = getattr(transformers, dense_class)(config)
     dense.save_pretrained(tmp_path / "dense")
     out = tmp_path / "small"
     args = ["--model", str(tmp_path / "dense"), "--output", str(out), "--calibration-samples", "32"]
@@ -205,10 +209,11 @@ def test_the_cli_compresses_a_backbone_as_a_backbone(tmp_path, capsys, dense_cla
     saved = json.loads((out / "config.json").read_text())
     assert saved["architectures"] == [f"Compressed{dense_class}"] and saved["model_type"] == model_type
     assert main(["card", "--quiet", "--model", str(out)]) == 0
-    task = "zero-shot-image-classification" if dense_class == "CLIPModel" else "image-feature-extraction"
+    two_towers = dense_class in ("CLIPModel", "SiglipModel")
+    task = "zero-shot-image-classification" if two_towers else "image-feature-extraction"
     card = (out / "README.md").read_text()
     assert f"pipeline_tag: {task}" in card
-    assert ("Only the\nimage tower is compressed" in card) == (dense_class == "CLIPModel")
+    assert ("Only the\nimage tower is compressed" in card) == two_towers
     capsys.readouterr()
     assert main(["evaluate", "--model", str(out)]) == 2
     assert f"saved as Compressed{dense_class}, which has no image classifier" in capsys.readouterr().err
