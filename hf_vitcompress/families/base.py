@@ -42,7 +42,7 @@ class FamilyAdapter:
     block_path: str = "layers"
     extra_linear_paths: tuple[str, ...] = ()
     # Attributes the family's own forward overwrites (Swin's layers clamp shift_size / window_size to the first
-    # small input they see, and keep the clamp): compress() puts them back after its forwards (forward_state_of).
+    # small input they see, and keep the clamp): compress() and count_macs() put them back after their forwards.
     forward_state: tuple[str, ...] = ()
     # Whether pruning may skip whole blocks: a SkippedBlock returns its input tensor, as a ViT block returns the
     # residual stream; Swin's layers return (hidden_states, attention weights), which their stage unpacks.
