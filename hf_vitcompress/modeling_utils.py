@@ -243,16 +243,17 @@ def install_output_recorders(model: nn.Module) -> None:
     Also registers compressed classes that were never constructed (``compress()`` changes ``__class__``)
     in the per-class registry transformers reads, as ``PreTrainedModel.__init__`` would have.
     """
-    containers = _attention_recording_containers(model)
+    containers = None  # found once, and only when a head-factorized attention is not handled yet
     for name, module in model.named_modules():
         if isinstance(module, PreTrainedModel) and not output_capturing._CAN_RECORD_REGISTRY.get(module):
             output_capturing._CAN_RECORD_REGISTRY[module] = module._can_record_outputs
         if getattr(module, "_vitcompress_records_outputs", False):
             continue
         if isinstance(module, HeadFactorizedAttention):
-            if any(name.startswith(f"{container}.") for container in containers):
-                continue  # a module around it (Swin's stage) records the attention weights it returns
-            _install_output_hook(module, "attentions", 1)
+            containers = _attention_recording_containers(model) if containers is None else containers
+            # a module around it (Swin's stage) records the attention weights it returns: then nothing to add
+            if not any(name.startswith(f"{container}.") for container in containers):
+                _install_output_hook(module, "attentions", 1)
         elif isinstance(module, SkippedBlock):
             _install_output_hook(module, "hidden_states", 0)
         else:

@@ -238,7 +238,12 @@ def tiny_tower(cls: type) -> torch.nn.Module:
     torch.manual_seed(0)
     config_class = SiglipVisionConfig if cls is SiglipVisionModel else CLIPVisionConfig
     sizes = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4)
-    model = cls(config_class(**sizes, image_size=16, patch_size=4)).eval()
+    return with_random_biases(cls(config_class(**sizes, image_size=16, patch_size=4)).eval())
+
+
+def with_random_biases(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` with its linears' biases random (transformers starts them at zero, where a dropped or misplaced
+    bias would not show)."""
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, torch.nn.Linear) and module.bias is not None:
@@ -290,12 +295,7 @@ def tiny_two_towers(cls: type) -> torch.nn.Module:
         config = CLIPConfig(text_config=text, vision_config=vision, projection_dim=24)
     else:
         config = SiglipConfig(text_config=text, vision_config=vision)
-    model = cls(config).eval()
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, torch.nn.Linear) and module.bias is not None:
-                module.bias.normal_(0, 0.1)
-    return model
+    return with_random_biases(cls(config).eval())
 
 
 def zero_shot(model, pixels) -> torch.Tensor:
