@@ -7,6 +7,7 @@
     hf-vitcompress search-ranks --model hf/ --output hf-searched/   # per-head ranks (method head_factorization)
     hf-vitcompress card --model out-ft/                   # writes out-ft/README.md (measured numbers only)
     hf-vitcompress push --model out-ft/ --repo-id user/name
+    hf-vitcompress export --model out-ft/ --format onnx --output out-onnx/ [--int8]   # checked with onnxruntime
 
 DATA is ``default`` (the Fashion-MNIST data shipped with the package, or the full set when
 ``dataset-fashion-mnist`` is installed), a folder saved with ``datasets.save_to_disk``, a folder of
@@ -530,6 +531,57 @@ def cmd_push(args: argparse.Namespace) -> str:
     return commit.commit_url
 
 
+def fit_to_model(pixel_values: torch.Tensor, config: Any) -> torch.Tensor:
+    """Images of another format made into the model's: channels repeated (grey to RGB) and resized to its
+    ``image_size``. For checks of a graph against PyTorch on real images (``export``), not for accuracy."""
+    from .calibration.data import image_config_of, image_size_of
+
+    channels = getattr(image_config_of(config), "num_channels", pixel_values.shape[1])
+    if pixel_values.shape[1] != channels:
+        if pixel_values.shape[1] != 1:
+            raise ValueError(f"The DATA images have {pixel_values.shape[1]} channels and the model takes {channels}.")
+        pixel_values = pixel_values.expand(-1, channels, -1, -1)
+    size = image_size_of(config)
+    if tuple(pixel_values.shape[-2:]) != tuple(size):
+        pixel_values = torch.nn.functional.interpolate(pixel_values, size=size, mode="bilinear", align_corners=False)
+    return pixel_values.contiguous()
+
+
+def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
+    """Export to ONNX (``--format onnx``), checked against PyTorch on ``--data`` images with onnxruntime."""
+    from .export import export_onnx, require_onnx
+
+    require_onnx()
+    model = load_model(args.model, "float32", classifier=False)
+    pixels, _ = load_examples(args.data, args.model, "test", args.limit)
+    fitted = fit_to_model(pixels, model.config)
+    if fitted.shape[1:] != pixels.shape[1:]:
+        print(f"note: validating on {args.data} images made {tuple(fitted.shape[1:])} (the model's input format)")
+    report = export_onnx(
+        model,
+        args.output,
+        fitted,
+        dynamic_image_size=args.dynamic_image_size,
+        int8=args.int8,
+        opset=args.opset,
+        tolerance=args.tolerance,
+        source_dir=args.model if Path(args.model).is_dir() else None,
+    )
+    rows = [("fp32", report.onnx_file, report.validation)]
+    if report.int8_file:
+        rows.append(("int8", report.int8_file, report.int8_validation))
+    print(f"{'graph':<6} {'file':<18} {'MB':>8} {'batch':>6} {'max |diff|':>11} {'relative':>9} {'top-1 same':>10}")
+    for kind, name, validation in rows:
+        for row in validation:
+            agreement = f"{row['top1_agreement']:.1%}" if "top1_agreement" in row else "-"
+            print(
+                f"{kind:<6} {name:<18} {report.files[name] / 1e6:>8.2f} {row['batch']:>6} "
+                f"{row['max_abs_diff']:>11.2e} {row['max_rel_diff']:>9.2e} {agreement:>10}"
+            )
+    print(f"written to {args.output} (outputs: {', '.join(report.outputs)}; report: onnx_export.json)")
+    return {"output": args.output, "outputs": report.outputs, "max_rel_diff": report.max_rel_diff, "files": report.files}
+
+
 def cmd_demo(args: argparse.Namespace) -> list[dict[str, Any]]:
     from .compress import compress
     from .data import iterate_batches, load_fashion_mnist
@@ -762,6 +814,30 @@ def build_parser() -> argparse.ArgumentParser:
     push_parser.add_argument("--commit-message", dest="commit_message", default=None)
     push_parser.add_argument("--license", default=None)
 
+    export_parser = sub.add_parser(
+        "export",
+        help="export to ONNX, checked against PyTorch with onnxruntime (and int8 with --int8)",
+        description="Export the model's image path to ONNX (dynamic batch), check onnxruntime against PyTorch on "
+        "DATA test images (max |difference| relative to the largest output, at batch 1 and --limit), and copy the "
+        "config with its compression plan, the image processor and the model card along. Needs the [onnx] extra.",
+    )
+    export_parser.add_argument("--model", required=True, help="checkpoint folder or Hub id (compressed or dense)")
+    export_parser.add_argument("--format", choices=["onnx"], default="onnx")
+    export_parser.add_argument("--output", required=True, help="new folder (or an earlier export) to write into")
+    export_parser.add_argument("--data", default="default", help="DATA whose test images validate the graph")
+    export_parser.add_argument("--limit", type=int, default=32, help="validation images (default 32)")
+    export_parser.add_argument(
+        "--int8", action="store_true", help="also write model_int8.onnx (onnxruntime dynamic int8 quantization)"
+    )
+    export_parser.add_argument(
+        "--dynamic-image-size",
+        dest="dynamic_image_size",
+        action="store_true",
+        help="height and width dynamic too (families that interpolate their position embeddings)",
+    )
+    export_parser.add_argument("--opset", type=int, default=None, help="ONNX opset (default: torch's)")
+    export_parser.add_argument("--tolerance", type=float, default=1e-4, help="largest relative difference allowed")
+
     demo_parser = sub.add_parser("demo", help="compress the embedded default model and print a before/after table")
     demo_parser.add_argument("--output", default=None, help="also save the compressed model here")
     demo_parser.add_argument("--limit", type=int, default=None, help="evaluate on at most this many test images")
@@ -780,6 +856,7 @@ def build_parser() -> argparse.ArgumentParser:
         search_parser,
         card_parser,
         push_parser,
+        export_parser,
     ):
         command.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
@@ -802,10 +879,11 @@ def main(argv: list[str] | None = None) -> int:
         "card": cmd_card,
         "push": cmd_push,
         "demo": cmd_demo,
+        "export": cmd_export,
     }
     try:
         handlers[args.command](args)
-    except (ValueError, TypeError, FileNotFoundError) as error:
+    except (ValueError, TypeError, FileNotFoundError, ImportError, RuntimeError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0

@@ -13,7 +13,8 @@ import json
 import platform
 import statistics
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -98,27 +99,32 @@ def count_macs(model: nn.Module, pixel_values: torch.Tensor, attn_implementation
             handles.append(module.register_forward_hook(attention_hook, with_kwargs=True))
         elif isinstance(module, nn.MultiheadAttention):  # SigLIP's pooling head: projections run as F.linear
             handles.append(module.register_forward_hook(multihead_hook, with_kwargs=True))
-    state = _forward_state(model)  # a count must not change the model (Swin's layers keep a clamped window)
     try:
-        image_forward(model)(pixel_values=pixel_values)
+        with kept_forward_state(model):  # a count must not change the model (Swin's layers keep a clamped window)
+            image_forward(model)(pixel_values=pixel_values)
     finally:
         for handle in handles:
             handle.remove()
-        if state is not None:
-            state[0].restore_forward_state(model, state[1])
     return total // pixel_values.shape[0]
 
 
-def _forward_state(model: nn.Module) -> tuple[Any, dict] | None:
-    """``(family, state)``: what a forward of ``model`` may overwrite (``FamilyAdapter.forward_state``), or ``None``
-    for a model of no known family."""
+@contextmanager
+def kept_forward_state(model: nn.Module) -> Iterator[nn.Module]:
+    """Run forwards of ``model`` that leave it as it was: what a forward may overwrite (``FamilyAdapter.forward_state``,
+    e.g. the window Swin's layers clamp to the input) is recorded on entry and put back on exit. A model of no
+    known family is left alone."""
     from .families import family_for  # the families build on this module's neighbours: imported when needed
 
     try:
         family = family_for(model)
     except TypeError:
-        return None
-    return family, family.forward_state_of(model)
+        yield model
+        return
+    state = family.forward_state_of(model)
+    try:
+        yield model
+    finally:
+        family.restore_forward_state(model, state)
 
 
 @torch.no_grad()

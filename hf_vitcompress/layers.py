@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .kernels.lowrank import _fused_can_run, fused_lowrank_linear
+from .kernels.lowrank import _fused_can_run, fused_lowrank_op
 
 IMPLEMENTATIONS = ("factorized", "fused")
 """How a :class:`LowRankLinear` runs: two ``nn.Linear`` GEMMs, or the fused Triton kernel where it can run.
@@ -24,7 +24,8 @@ class LowRankLinear(nn.Module):
     ``implementation="fused"`` (chosen by :func:`hf_vitcompress.tune` where it measured faster) runs
     the Triton kernel for inference on a GPU. It falls back to the two GEMMs whenever the kernel cannot
     serve the call exactly as they would: gradients needed, autocast on, an input dtype other than the
-    weights', no Triton or no GPU, tracing or compiling, or children that other tools wrapped or hooked
+    weights', no Triton or no GPU, ``torch.export`` / ONNX export or tracing (a compiled model keeps the kernel as
+    the custom op ``torch.ops.hf_vitcompress.fused_lowrank_linear``), or children that other tools wrapped or hooked
     (PEFT, quantizers, Accelerate's offloading hooks, MAC counters), which must see their forward calls.
     """
 
@@ -86,7 +87,7 @@ class LowRankLinear(nn.Module):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         if self.implementation == "fused" and self.kernel_serves(hidden_states):
             weights = (self.lowrank_down.weight, self.lowrank_up.weight, self.lowrank_up.bias)
-            return fused_lowrank_linear(hidden_states, *weights)
+            return fused_lowrank_op(hidden_states, *weights)
         return self.lowrank_up(self.lowrank_down(hidden_states))
 
     def kernel_serves(self, hidden_states: torch.Tensor) -> bool:
@@ -100,7 +101,9 @@ class LowRankLinear(nn.Module):
         """Whether the kernel gives what the two child ``forward`` calls would, with nobody missing them."""
         if torch.is_grad_enabled() or torch.is_autocast_enabled(hidden_states.device.type):
             return False
-        if torch.jit.is_tracing() or torch.compiler.is_compiling():
+        # torch.compile keeps the kernel (a custom op with a fake implementation); an exported graph (ONNX,
+        # torch.export) must hold only standard operators, so it gets the two GEMMs
+        if torch.jit.is_tracing() or torch.compiler.is_exporting():
             return False
         if hidden_states.dtype != self.lowrank_down.weight.dtype:
             return False

@@ -468,3 +468,52 @@ def test_compress_with_tune_records_the_choices(tmp_path, capsys):
     )
     assert "method 'pruning' leaves none" in capsys.readouterr().err
     assert not (tmp_path / "x").exists() and not (tmp_path / "p").exists()
+
+
+def test_export_writes_a_checked_onnx_graph_with_int8_and_the_card(tmp_path, capsys):
+    """compress → card → export: the graph, its int8 form, the report of the parity check, the config with the
+    plan and the card travel together; the checkpoint folder itself is never overwritten."""
+    pytest.importorskip("onnxruntime")
+    import onnxruntime
+
+    small, onnx_dir = tmp_path / "small", tmp_path / "onnx"
+    args = ["compress", "--quiet", "--target-param-ratio", "0.5", "--whitening", "gram", "--rank-allocation", "global"]
+    assert main([*args, "--compensation-rank", "0", "--calibration-samples", "64", "--output", str(small)]) == 0
+    assert main(["card", "--quiet", "--model", str(small)]) == 0
+    capsys.readouterr()
+    export = ["export", "--quiet", "--model", str(small), "--format", "onnx", "--limit", "16"]
+    assert main([*export, "--output", str(onnx_dir), "--int8"]) == 0
+    out = capsys.readouterr().out
+    assert "model.onnx" in out and "model_int8.onnx" in out and "top-1 same" in out
+    assert {p.name for p in onnx_dir.iterdir()} == {
+        "model.onnx",
+        "model_int8.onnx",
+        "onnx_export.json",
+        "config.json",
+        "README.md",
+        "preprocessor_config.json",
+    }
+    report = json.loads((onnx_dir / "onnx_export.json").read_text())
+    assert [row["batch"] for row in report["validation"]] == [1, 16]
+    assert max(row["max_rel_diff"] for row in report["validation"]) <= 1e-4
+    images, labels = load_fashion_mnist("test")
+    pixels = to_pixel_values(images[:64])
+    session = onnxruntime.InferenceSession(str(onnx_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+    (logits,) = session.run(None, {"pixel_values": pixels.numpy()})
+    model = AutoModelForImageClassification.from_pretrained(small)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(logits), model(pixel_values=pixels).logits, rtol=1e-4, atol=1e-5)
+    assert main([*export, "--output", str(small)]) == 2  # the checkpoint is not an export folder
+    assert "replace the checkpoint folder" in capsys.readouterr().err and (small / "model.safetensors").exists()
+
+
+def test_validation_images_are_made_into_the_models_format():
+    from transformers import ViTConfig
+
+    from hf_vitcompress.cli import fit_to_model
+
+    grey = torch.randn(2, 1, 28, 28)
+    fitted = fit_to_model(grey, ViTConfig(image_size=16, num_channels=3))
+    assert fitted.shape == (2, 3, 16, 16) and torch.equal(fitted[:, 0], fitted[:, 2])
+    with pytest.raises(ValueError, match="2 channels"):
+        fit_to_model(torch.randn(1, 2, 8, 8), ViTConfig(num_channels=3))

@@ -316,3 +316,88 @@ def test_ranks_above_the_kernel_limit_run_pytorch():
         torch.testing.assert_close(lowrank_linear(x, down, up), lowrank_linear_reference(x, down, up))
     with pytest.raises(ValueError, match="ranks up to 256"):
         fused_lowrank_linear(x, down, up)
+
+
+# -- the kernel as a custom op: torch.compile keeps it, exports do not see it ----------------------------------
+def _fused_model():
+    from hf_vitcompress import CompressionConfig, LowRankLinear, compress
+
+    from .conftest import tiny_vit
+
+    pixels = torch.randn(16, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    config = CompressionConfig(target_param_ratio=0.6, whitening="none", loss_weighting="none", compensation_rank=0)
+    model = compress(tiny_vit(), config, pixels, progress=False)
+    layers = [m for m in model.modules() if isinstance(m, LowRankLinear)]
+    for layer in layers:
+        layer.implementation = "fused"
+    return model, layers, pixels
+
+
+def _ops_in(graphs) -> int:
+    return sum(
+        node.target is torch.ops.hf_vitcompress.fused_lowrank_linear.default
+        for graph in graphs
+        for node in graph.graph.nodes
+    )
+
+
+def test_the_custom_op_agrees_with_its_fake_implementation():
+    x, down, up, bias = factors(7, 32, 24, 5, bias=True)
+    torch.library.opcheck(torch.ops.hf_vitcompress.fused_lowrank_linear, (x, down, up, bias))
+    torch.library.opcheck(torch.ops.hf_vitcompress.fused_lowrank_linear, (x, down, up, None))
+
+
+def test_a_compiled_model_runs_the_kernel_in_every_fused_layer(monkeypatch):
+    model, layers, pixels = _fused_model()
+    with torch.no_grad():
+        expected = model(pixel_values=pixels[:4]).logits  # eager: the kernel too
+    calls, graphs = [], []
+    real = lowrank.fused_lowrank_linear
+    monkeypatch.setattr(lowrank, "fused_lowrank_linear", lambda *a: calls.append(1) or real(*a))
+
+    def recording_backend(graph, _inputs):
+        graphs.append(graph)
+        return graph.forward
+
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=recording_backend)
+    with torch.no_grad():
+        got = compiled(pixel_values=pixels[:4]).logits
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    assert _ops_in(graphs) == len(layers) and len(calls) == len(layers)  # in the graph, and run
+    graphs.clear()
+    with torch.enable_grad():  # training: the two GEMMs, with gradients
+        compiled(pixel_values=pixels[:2]).logits.sum().backward()
+    assert _ops_in(graphs) == 0 and layers[0].lowrank_down.weight.grad is not None
+    torch._dynamo.reset()
+
+
+def test_inductor_compiles_a_fused_layer_around_the_kernel(monkeypatch):
+    from hf_vitcompress import LowRankLinear
+
+    torch.manual_seed(0)
+    layer = LowRankLinear(32, 24, 5)
+    layer.implementation = "fused"
+    x = torch.randn(3, 7, 32)
+    calls = []
+    real = lowrank.fused_lowrank_linear
+    monkeypatch.setattr(lowrank, "fused_lowrank_linear", lambda *a: calls.append(1) or real(*a))
+    torch._dynamo.reset()
+    with torch.no_grad():
+        got = torch.compile(layer, fullgraph=True)(x)
+        expected = layer.lowrank_up(layer.lowrank_down(x))
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    assert calls == [1]
+    torch._dynamo.reset()
+
+
+def test_an_exported_graph_holds_the_two_gemms_not_the_kernel():
+    model, layers, pixels = _fused_model()
+    model.eval()
+    with torch.no_grad():
+        program = torch.export.export(model, (), {"pixel_values": pixels[:2]})
+    targets = {str(node.target) for node in program.graph.nodes}
+    assert not any("hf_vitcompress" in target for target in targets)
+    torch.testing.assert_close(
+        program.module()(pixel_values=pixels[:2]).logits, model(pixel_values=pixels[:2]).logits, rtol=1e-5, atol=1e-6
+    )

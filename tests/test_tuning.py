@@ -8,6 +8,7 @@ from torch import nn
 from transformers import AutoModelForImageClassification
 
 import hf_vitcompress.tuning as tuning
+from hf_vitcompress.kernels.lowrank import fused_lowrank_linear
 from hf_vitcompress import CompressionConfig, LowRankLinear, TuningError, compress, tune
 
 from .conftest import tiny_vit
@@ -62,7 +63,7 @@ def test_fused_choice_runs_the_kernel_and_survives_a_reload(compressed, pixels, 
     assert fused and all(m.implementation == "fused" for m in fused)
     calls = []
     monkeypatch.setattr(
-        "hf_vitcompress.layers.fused_lowrank_linear", lambda *a: calls.append(1) or _kernel_dispatch(*a)
+        "hf_vitcompress.kernels.lowrank.fused_lowrank_linear", lambda *a: calls.append(1) or _KERNEL(*a)
     )
     torch.testing.assert_close(_logits(compressed, pixels[:4]), reference, rtol=1e-4, atol=1e-5)
     assert len(calls) == len(fused)
@@ -74,10 +75,7 @@ def test_fused_choice_runs_the_kernel_and_survives_a_reload(compressed, pixels, 
     assert loaded.vit.layers[0].mlp.fc1.lowrank_down.weight.grad is not None
 
 
-def _kernel_dispatch(*args):
-    from hf_vitcompress.kernels.lowrank import fused_lowrank_linear
-
-    return fused_lowrank_linear(*args)
+_KERNEL = fused_lowrank_linear  # the kernel itself, taken before a test wraps it to count its calls
 
 
 def _fused_layer() -> LowRankLinear:
@@ -92,7 +90,7 @@ def test_fused_layer_falls_back_wherever_the_kernel_would_differ(monkeypatch):
     layer = _fused_layer()
     kernel_calls = []
     monkeypatch.setattr(
-        "hf_vitcompress.layers.fused_lowrank_linear", lambda *a: kernel_calls.append(1) or _kernel_dispatch(*a)
+        "hf_vitcompress.kernels.lowrank.fused_lowrank_linear", lambda *a: kernel_calls.append(1) or _KERNEL(*a)
     )
     expected = layer.lowrank_up(layer.lowrank_down(x))
     with torch.no_grad():

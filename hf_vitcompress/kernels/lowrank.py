@@ -757,3 +757,27 @@ def grouped_lowrank_linear(
     if _fused_can_run(x, *(down.shape[0] for down in downs)):
         return fused_grouped_lowrank_linear(x, downs, ups, biases)
     return grouped_lowrank_linear_reference(x, downs, ups, biases)
+
+
+# -- the kernel as a torch.library custom op: what torch.compile keeps in its graph ---------------------------
+@torch.library.custom_op(
+    "hf_vitcompress::fused_lowrank_linear",
+    mutates_args=(),
+    schema="(Tensor x, Tensor down, Tensor up, Tensor? bias) -> Tensor",
+)
+def fused_lowrank_op(x: torch.Tensor, down: torch.Tensor, up: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """:func:`fused_lowrank_linear` (no activation, blocks autotuned) as the operator
+    ``torch.ops.hf_vitcompress.fused_lowrank_linear``.
+
+    Dynamo cannot trace into a Triton launch with an autotuner and a Python-side check of every input, so a
+    ``torch.compile``d model would either break its graph at every factorized layer or lose the kernel. As an
+    opaque operator with a fake implementation (the output's shape and dtype, below), the compiled graph holds
+    one call per layer and runs the kernel. It has no autograd formula: :class:`~hf_vitcompress.LowRankLinear`
+    calls it only with gradients off, like the kernel."""
+    return fused_lowrank_linear(x, down, up, bias)
+
+
+@fused_lowrank_op.register_fake
+def _fused_lowrank_fake(x: torch.Tensor, down: torch.Tensor, up: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    _check_factors(x, down, up, bias)
+    return x.new_empty((*x.shape[:-1], up.shape[0]))

@@ -1,0 +1,195 @@
+"""ONNX export (``export_onnx`` and ``hf-vitcompress export``): every family with every method it supports
+exports, and onnxruntime computes what PyTorch computes at two batch sizes; int8 on top; bad input refused
+with nothing written."""
+
+import json
+
+import pytest
+import torch
+from transformers import (
+    BeitForImageClassification,
+    CLIPModel,
+    CLIPVisionModelWithProjection,
+    Data2VecVisionConfig,
+    Data2VecVisionForImageClassification,
+    Dinov2Backbone,
+    Dinov2Model,
+    Dinov2WithRegistersForImageClassification,
+    SiglipVisionModel,
+    SwinForImageClassification,
+    Swinv2Model,
+)
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+
+from hf_vitcompress import LowRankLinear, compress  # noqa: E402
+from hf_vitcompress.export import INT8_FILE, ONNX_FILE, REPORT_FILE, OnnxExportError, export_onnx  # noqa: E402
+from hf_vitcompress.families import family_for  # noqa: E402
+
+from .conftest import tiny_deit, tiny_dinov2, tiny_vit  # noqa: E402
+from .test_families import (  # noqa: E402
+    METHODS,
+    SWIN_METHODS,
+    images,
+    tiny_beit,
+    tiny_swin,
+    tiny_tower,
+    tiny_two_towers,
+)
+
+
+def tiny_data2vec() -> torch.nn.Module:
+    torch.manual_seed(0)
+    sizes = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_labels=5)
+    config = Data2VecVisionConfig(**sizes, image_size=16, patch_size=4, use_relative_position_bias=True)
+    return Data2VecVisionForImageClassification(config).eval()
+
+
+FAMILIES = {  # one class per family (two for DINOv2: a backbone's feature maps are outputs of their own)
+    "vit": (tiny_vit, 16),
+    "deit": (tiny_deit, 16),
+    "dinov2": (lambda: tiny_dinov2(Dinov2Model), 16),
+    "dinov2_backbone": (lambda: tiny_dinov2(Dinov2Backbone), 16),
+    "dinov2_registers": (lambda: tiny_dinov2(Dinov2WithRegistersForImageClassification), 16),
+    "clip": (lambda: tiny_tower(CLIPVisionModelWithProjection), 16),
+    "siglip": (lambda: tiny_tower(SiglipVisionModel), 16),
+    "clip_two_towers": (lambda: tiny_two_towers(CLIPModel), 16),
+    "beit": (lambda: tiny_beit(BeitForImageClassification), 16),
+    "data2vec_vision": (tiny_data2vec, 16),
+    "swin": (lambda: tiny_swin(SwinForImageClassification), 32),
+    "swinv2": (lambda: tiny_swin(Swinv2Model), 32),
+}
+
+
+SLOW_FAMILIES = ("swinv2",)  # Swin-v2 exports like Swin (8 s each): only in the whole matrix
+
+
+def _cases() -> list:
+    """Every family x every method it supports. One case per family runs by default, the methods taken in turn
+    so each is exported from several families (an export costs seconds: the whole matrix is ``pytest -m slow``)."""
+    cases, turn = [], 0
+    for name, (build, _) in FAMILIES.items():
+        supported = [method for method in METHODS if method in family_for(build()).methods]
+        default = None if name in SLOW_FAMILIES else supported[turn % len(supported)]
+        turn += default is not None
+        for method in supported:
+            marks = () if method == default else (pytest.mark.slow,)
+            cases.append(pytest.param(name, method, marks=marks, id=f"{name}-{method}"))
+    return cases
+
+
+@pytest.mark.parametrize(("family", "method"), _cases())
+def test_every_family_and_method_exports_and_onnxruntime_matches_pytorch(tmp_path, family, method):
+    build, size = FAMILIES[family]
+    dense = build()
+    config = (SWIN_METHODS if family.startswith("swin") else METHODS)[method]
+    small = compress(dense, config, images(16, size, size), progress=False)
+    report = export_onnx(small, tmp_path / "onnx", images(5, size, size))
+    assert report.max_rel_diff <= 1e-4
+    assert [row["batch"] for row in report.validation] == [1, 5]  # the batch axis is dynamic
+    assert report.outputs and (tmp_path / "onnx" / ONNX_FILE).is_file()
+    saved = json.loads((tmp_path / "onnx" / REPORT_FILE).read_text())
+    assert saved["validation"] == report.validation
+    config_json = json.loads((tmp_path / "onnx" / "config.json").read_text())
+    assert config_json["compression_plan"]["layers"] == small.config.compression_plan["layers"]
+
+
+def test_the_exported_graph_is_checked_on_other_images_than_it_was_traced_on(tmp_path):
+    """onnxruntime's outputs equal PyTorch's on fresh images at a third batch size, and the names are the model's."""
+    import onnxruntime
+
+    small = compress(tiny_dinov2(Dinov2Backbone), METHODS["activation_aware"], images(), progress=False)
+    for layer in small.modules():  # tuned to the kernel: the graph still gets the two GEMMs
+        if isinstance(layer, LowRankLinear):
+            layer.implementation = "fused"
+    report = export_onnx(small, tmp_path, images(4))
+    assert report.outputs == ["feature_maps.0"] + [f"feature_maps.{i}" for i in range(1, len(report.outputs))]
+    session = onnxruntime.InferenceSession(str(tmp_path / ONNX_FILE), providers=["CPUExecutionProvider"])
+    fresh = torch.randn(7, 3, 16, 16, generator=torch.Generator().manual_seed(5))
+    got = session.run(None, {"pixel_values": fresh.numpy()})
+    with torch.no_grad():
+        want = small(pixel_values=fresh).feature_maps
+    assert len(got) == len(want)
+    for out, ref in zip(got, want, strict=True):
+        torch.testing.assert_close(torch.from_numpy(out), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_int8_is_written_smaller_and_close(tmp_path):
+    dense = tiny_vit(hidden_size=64, intermediate_size=256)
+    small = compress(dense, METHODS["activation_aware"], images(), progress=False)
+    report = export_onnx(small, tmp_path, images(8), int8=True)
+    assert report.int8_file == INT8_FILE and (tmp_path / INT8_FILE).is_file()
+    assert report.files[INT8_FILE] < report.files[ONNX_FILE]
+    import onnx
+
+    graph = onnx.load(str(tmp_path / INT8_FILE)).graph
+    weights = {tensor.name: tensor for tensor in graph.initializer}
+    float_matmul_weights = [n for n in graph.node if n.op_type in ("MatMul", "Gemm") and set(n.input) & set(weights)]
+    assert not float_matmul_weights  # every linear, factor or dense leftover, is int8
+    int8_weights = [weights[i] for n in graph.node if n.op_type == "MatMulInteger" for i in n.input if i in weights]
+    assert int8_weights and all(w.data_type == onnx.TensorProto.INT8 for w in int8_weights)
+    assert all(row["max_rel_diff"] < 0.1 for row in report.int8_validation)  # an approximation, but a close one
+
+
+@pytest.mark.parametrize("family", ["dinov2", pytest.param("vit", marks=pytest.mark.slow)])
+def test_a_dynamic_image_size_serves_other_sizes(tmp_path, family):
+    import onnxruntime
+
+    dense = tiny_dinov2(Dinov2Model) if family == "dinov2" else tiny_vit()
+    small = compress(dense, METHODS["head_factorization"], images(), progress=False)
+    export_onnx(small, tmp_path, images(3), dynamic_image_size=True)
+    session = onnxruntime.InferenceSession(str(tmp_path / ONNX_FILE), providers=["CPUExecutionProvider"])
+    other = images(2, 24, 32)
+    (got, *_) = session.run(None, {"pixel_values": other.numpy()})
+    with torch.no_grad():
+        output = small(pixel_values=other, **({"interpolate_pos_encoding": True} if family == "vit" else {}))
+    torch.testing.assert_close(torch.from_numpy(got), output[0], rtol=1e-4, atol=1e-5)
+
+
+def test_a_graph_that_differs_from_pytorch_is_refused_and_the_earlier_export_is_kept(tmp_path, monkeypatch):
+    from hf_vitcompress import export
+
+    small = compress(tiny_vit(), METHODS["activation_aware"], images(), progress=False)
+    out = tmp_path / "out"
+    export_onnx(small, out, images(4), int8=True)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    real_session = export._session
+
+    class Off:  # what a wrong graph would give: every output off by 1 %
+        def __init__(self, path):
+            self.session = real_session(path)
+
+        def run(self, names, feed):
+            return [out * 1.01 for out in self.session.run(names, feed)]
+
+    monkeypatch.setattr(export, "_session", Off)
+    with pytest.raises(OnnxExportError, match="differs from PyTorch"):
+        export_onnx(small, out, images(4))
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing lost, nothing half-written
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    monkeypatch.undo()
+    export_onnx(small, out, images(4))  # a new export replaces the earlier one
+    assert not (out / INT8_FILE).exists() and (out / ONNX_FILE).exists()
+
+
+def test_bad_input_is_refused_with_what_to_do(tmp_path):
+    small = compress(tiny_vit(), METHODS["activation_aware"], images(), progress=False)
+    with pytest.raises(TypeError, match="float32 model"):
+        export_onnx(small.half(), tmp_path / "a", images(2).half())
+    small.float()
+    with pytest.raises(ValueError, match=r"\[n, channels, height, width\]"):
+        export_onnx(small, tmp_path / "a", images(2)[0])
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "keep.txt").write_text("mine")
+    with pytest.raises(ValueError, match="not an earlier ONNX export"):
+        export_onnx(small, other, images(2))
+    assert (other / "keep.txt").read_text() == "mine"
+    with pytest.raises(ValueError, match="replace the checkpoint folder"):
+        export_onnx(small, other, images(2), source_dir=other)
+    with torch.device("meta"):
+        meta = type(small)(small.config)
+    with pytest.raises(ValueError, match="meta device"):
+        export_onnx(meta, tmp_path / "b", images(2))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other"]
