@@ -579,7 +579,12 @@ def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
                 f"{row['max_abs_diff']:>11.2e} {row['max_rel_diff']:>9.2e} {agreement:>10}"
             )
     print(f"written to {args.output} (outputs: {', '.join(report.outputs)}; report: onnx_export.json)")
-    return {"output": args.output, "outputs": report.outputs, "max_rel_diff": report.max_rel_diff, "files": report.files}
+    return {
+        "output": args.output,
+        "outputs": report.outputs,
+        "max_rel_diff": report.max_rel_diff,
+        "files": report.files,
+    }
 
 
 def cmd_demo(args: argparse.Namespace) -> list[dict[str, Any]]:

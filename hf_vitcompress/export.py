@@ -29,7 +29,7 @@ import shutil
 import tempfile
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -206,10 +206,8 @@ def _session(path: Path) -> Any:
 def _versions() -> dict[str, str]:
     versions = {"torch": torch.__version__}
     for package in ("transformers", "onnx", "onnxscript", "onnxruntime"):
-        try:
+        with suppress(importlib.metadata.PackageNotFoundError):
             versions[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            pass
     return versions
 
 
@@ -233,7 +231,9 @@ def _check_output_dir(output_dir: Path, source_dir: str | Path | None) -> None:
     never a folder of other files."""
     if source_dir is not None and output_dir.resolve() == Path(source_dir).resolve():
         raise ValueError(f"The export would replace the checkpoint folder {output_dir}: give another --output folder.")
-    if output_dir.exists() and (not output_dir.is_dir() or (any(output_dir.iterdir()) and not (output_dir / REPORT_FILE).exists())):
+    if output_dir.exists() and (
+        not output_dir.is_dir() or (any(output_dir.iterdir()) and not (output_dir / REPORT_FILE).exists())
+    ):
         raise ValueError(
             f"{output_dir} exists and is not an earlier ONNX export (it has no {REPORT_FILE}); nothing was replaced. "
             "Give a new or empty folder."
@@ -249,7 +249,11 @@ def quantize_int8(source: str | Path, target: str | Path) -> Path:
     root.setLevel(logging.ERROR)  # its advice to pre-process first is printed through the root logger every call
     try:
         quantize_dynamic(
-            str(source), str(target), weight_type=QuantType.QInt8, per_channel=True, op_types_to_quantize=["MatMul", "Gemm"]
+            str(source),
+            str(target),
+            weight_type=QuantType.QInt8,
+            per_channel=True,
+            op_types_to_quantize=["MatMul", "Gemm"],
         )
     finally:
         root.setLevel(level)
@@ -346,10 +350,17 @@ def export_onnx(
             ) from error
         import onnx
 
-        opset_used = next(o.version for o in onnx.load(str(onnx_path), load_external_data=False).opset_import if o.domain in ("", "ai.onnx"))
+        opset_used = next(
+            o.version
+            for o in onnx.load(str(onnx_path), load_external_data=False).opset_import
+            if o.domain in ("", "ai.onnx")
+        )
         session = _session(onnx_path)
         with kept_forward_state(model):
-            validation = [_compare(session, graph, images, names) for images in _validation_batches(pixel_values, dynamic_image_size, model)]
+            validation = [
+                _compare(session, graph, images, names)
+                for images in _validation_batches(pixel_values, dynamic_image_size, model)
+            ]
         worst = max(row["max_rel_diff"] for row in validation)
         if not worst <= tolerance:
             raise OnnxExportError(

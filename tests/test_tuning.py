@@ -8,8 +8,8 @@ from torch import nn
 from transformers import AutoModelForImageClassification
 
 import hf_vitcompress.tuning as tuning
-from hf_vitcompress.kernels.lowrank import fused_lowrank_linear
 from hf_vitcompress import CompressionConfig, LowRankLinear, TuningError, compress, tune
+from hf_vitcompress.kernels.lowrank import fused_lowrank_linear
 
 from .conftest import tiny_vit
 

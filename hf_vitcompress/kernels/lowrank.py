@@ -778,6 +778,8 @@ def fused_lowrank_op(x: torch.Tensor, down: torch.Tensor, up: torch.Tensor, bias
 
 
 @fused_lowrank_op.register_fake
-def _fused_lowrank_fake(x: torch.Tensor, down: torch.Tensor, up: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def _fused_lowrank_fake(
+    x: torch.Tensor, down: torch.Tensor, up: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
     _check_factors(x, down, up, bias)
     return x.new_empty((*x.shape[:-1], up.shape[0]))
