@@ -503,6 +503,9 @@ def test_export_writes_a_checked_onnx_graph_with_int8_and_the_card(tmp_path, cap
     model = AutoModelForImageClassification.from_pretrained(small)
     with torch.no_grad():
         torch.testing.assert_close(torch.from_numpy(logits), model(pixel_values=pixels).logits, rtol=1e-4, atol=1e-5)
+    (onnx_dir / "model_int8.onnx").write_bytes(b"stale")
+    assert main([*export, "--output", str(onnx_dir), "--limit", "2"]) == 0  # an earlier export is replaced whole
+    assert not (onnx_dir / "model_int8.onnx").exists() and (onnx_dir / "model.onnx").exists()
     assert main([*export, "--output", str(small)]) == 2  # the checkpoint is not an export folder
     assert "replace the checkpoint folder" in capsys.readouterr().err and (small / "model.safetensors").exists()
 
