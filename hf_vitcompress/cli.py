@@ -21,7 +21,6 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -256,21 +255,14 @@ def has_separate_test_split(spec: str) -> bool:
 
 def save_atomically(model, output: str | Path, extra_files: tuple[Path, ...] = ()) -> Path:
     """``save_pretrained`` into a staging sibling, then move into place: a failure leaves nothing half-written."""
-    output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}-", dir=output.parent))
-    try:
+    from .staging import staged_directory
+
+    with staged_directory(output) as staging:
         model.save_pretrained(staging)
         for extra in extra_files:
             if extra.exists():
                 shutil.copy(extra, staging / extra.name)
-        if output.exists():
-            shutil.rmtree(output)
-        staging.rename(output)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
-    return output
+    return Path(output)
 
 
 def measure_against_reference(

@@ -1,4 +1,5 @@
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -493,6 +494,10 @@ def test_export_writes_a_checked_onnx_graph_with_int8_and_the_card(tmp_path, cap
         "README.md",
         "preprocessor_config.json",
     }
+    umask = os.umask(0)
+    os.umask(umask)
+    for folder in (small, onnx_dir):  # ordinary folders, not the private staging folder they were written in
+        assert folder.stat().st_mode & 0o777 == 0o777 & ~umask
     report = json.loads((onnx_dir / "onnx_export.json").read_text())
     assert [row["batch"] for row in report["validation"]] == [1, 16]
     assert max(row["max_rel_diff"] for row in report["validation"]) <= 1e-4
