@@ -12,8 +12,8 @@ Two models:
   against the dense PyTorch model on held-out digits; calibration on the 512 shipped Fashion-MNIST images made
   224 px RGB; ratio 0.5 for each method.
 
-Latency: onnxruntime ``CPUExecutionProvider`` with this machine's threads, batch 1 and batch 32, the median of
-interleaved runs (every graph once per round, so drift in the machine's speed hits all alike); speedups are
+Latency: onnxruntime ``CPUExecutionProvider`` with this machine's threads (thread spinning off, so that the
+sessions taking turns do not steal each other's cores), batch 1 and batch 32, the median of interleaved runs (every graph once per round, so drift in the machine's speed hits all alike); speedups are
 against the dense fp32 graph of the same model, measured in the same rounds.
 
     python benchmarks/deploy.py                  # ~25 min on 2 cores
@@ -58,6 +58,9 @@ def session(path: Path):
 
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()
+    # Eight sessions take turns: a session's threads spinning after its run would steal the cores of the next
+    # one (seen: the first graph of every round 7x slower at batch 1). Without spinning each run owns the cores.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.log_severity_level = 3
     return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 

@@ -37,13 +37,13 @@ import torch
 from torch import nn
 
 from .calibration.data import image_config_of
-from .evaluation import image_forward, kept_forward_state
+from .evaluation import EVALUATION_FILE_NAME, image_forward, kept_forward_state
 from .staging import staged_directory
 
 ONNX_FILE = "model.onnx"
 INT8_FILE = "model_int8.onnx"
 REPORT_FILE = "onnx_export.json"
-COPIED_FILES = ("preprocessor_config.json", "README.md", "evaluation_report.json")
+COPIED_FILES = ("preprocessor_config.json", "README.md", EVALUATION_FILE_NAME)
 """Files of the source checkpoint folder that travel with the export (the image processor, the model card,
 the measured report the card quotes); ``config.json``, which holds the compression plan, is always written."""
 DEFAULT_TOLERANCE = 1e-4
