@@ -65,7 +65,7 @@ def session(path: Path):
     return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def run_graph(graph, pixels: torch.Tensor, batch: int = 256) -> torch.Tensor:
+def run_graph(graph, pixels: torch.Tensor, batch: int = 32) -> torch.Tensor:
     """The graph's first output over ``pixels``, in batches."""
     return torch.cat(
         [
@@ -240,8 +240,7 @@ def markdown(result: dict) -> str:
                     f"{cell['ms_batch1']:.2f} | {cell['speedup_batch1']:.2f}x | {cell['ms_batch32']:.1f} | "
                     f"{cell['speedup_batch32']:.2f}x |"
                 )
-    environment = result.get("environment") or {}
-    if environment:
+        environment = section["environment"]
         lines += ["", f"Run: {environment['description']}; {environment['wall_seconds']:.0f} s wall."]
     return "\n".join(lines) + "\n"
 
@@ -252,21 +251,21 @@ def main() -> None:
     parser.add_argument("--render-only", action="store_true", help="re-render RESULTS.md from deploy.json")
     args = parser.parse_args()
     json_path = HERE / "deploy.json"
-    if args.render_only:
-        result = json.loads(json_path.read_text())
-    else:
+    # Each model's section carries the run that measured it: --models re-measures some and keeps the others.
+    result = json.loads(json_path.read_text()) if json_path.exists() else {"models": {}}
+    if not args.render_only:
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
-        torch.manual_seed(0)
-        np.random.seed(0)
-        environment, start = run_environment(), time.time()
-        result = {"models": {}}
         with tempfile.TemporaryDirectory() as workdir:
             for name in args.models:
-                result["models"][name] = (default_model if name == "default" else dinov2)(Path(workdir))
-        environment["wall_seconds"] = time.time() - start
-        result["environment"] = environment
-        json_path.write_text(json.dumps(result, indent=2) + "\n")
+                torch.manual_seed(0)
+                np.random.seed(0)
+                environment, start = run_environment(), time.time()
+                section = (default_model if name == "default" else dinov2)(Path(workdir))
+                environment["wall_seconds"] = time.time() - start
+                section["environment"] = environment
+                result["models"][name] = section
+                json_path.write_text(json.dumps(result, indent=2) + "\n")
     text = markdown(result)
     print(text)
     update_results_file("deploy", text)

@@ -81,6 +81,9 @@ _LAZY = {
     "ModelCardTemplateError": ".hub",
     "build_model_card": ".hub",
     "push_model_to_hub": ".hub",
+    "OnnxExportError": ".export",
+    "OnnxExportReport": ".export",
+    "export_onnx": ".export",
 }
 
 
@@ -96,6 +99,9 @@ def __getattr__(name: str):
 
 __all__ = [
     "BudgetError",
+    "OnnxExportError",
+    "OnnxExportReport",
+    "export_onnx",
     "CompressionCallback",
     "CompressionController",
     "DistillationArguments",
