@@ -35,6 +35,7 @@ from .configuration import (
     CompressionConfig,
 )
 from .data import DEFAULT_MODEL_DIR, SHIPPED_CALIBRATION_DESCRIPTION
+from .export import OnnxExportError
 
 
 # -- data -------------------------------------------------------------------------------------------
@@ -880,7 +881,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     try:
         handlers[args.command](args)
-    except (ValueError, TypeError, FileNotFoundError, ImportError, RuntimeError) as error:
+    except (ValueError, TypeError, FileNotFoundError, ImportError, OnnxExportError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0
