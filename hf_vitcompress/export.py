@@ -155,12 +155,22 @@ def _compare(session: Any, graph: ImageGraph, pixel_values: torch.Tensor, names:
     largest PyTorch value, over every output."""
     with torch.no_grad():
         reference = graph(pixel_values)
-    got = session.run(names, {"pixel_values": pixel_values.numpy()})
+    try:
+        got = session.run(names, {"pixel_values": pixel_values.numpy()})
+    except Exception as error:  # onnxruntime's errors derive from Exception only
+        raise OnnxExportError(
+            f"onnxruntime could not run the exported graph on images of shape {tuple(pixel_values.shape)}: {error}"
+        ) from error
     max_abs = max_rel = 0.0
     for name, ref, out in zip(names, reference, got, strict=True):
         out = torch.from_numpy(out)
         if out.shape != ref.shape:
             raise OnnxExportError(f"ONNX output {name} has shape {tuple(out.shape)}, PyTorch's {tuple(ref.shape)}.")
+        for who, tensor in (("PyTorch", ref), ("the ONNX graph", out)):
+            if not torch.isfinite(tensor).all():  # max() would skip a NaN difference and pass the check
+                raise OnnxExportError(
+                    f"{who} gives non-finite values in {name} on the validation images: nothing can be compared."
+                )
         diff = (out - ref).abs().max().item()
         scale = ref.abs().max().item()
         max_abs = max(max_abs, diff)
@@ -200,7 +210,10 @@ def _session(path: Path) -> Any:
 
     options = onnxruntime.SessionOptions()
     options.log_severity_level = 3
-    return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    try:
+        return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as error:  # onnxruntime's errors derive from Exception only
+        raise OnnxExportError(f"onnxruntime could not load the exported graph {path.name}: {error}") from error
 
 
 def _versions() -> dict[str, str]:
@@ -308,7 +321,25 @@ def export_onnx(
             f"{tuple(pixel_values.shape)} {pixel_values.dtype}."
         )
     pixel_values = pixel_values.float().cpu()
-    model = model.eval()
+    was_training = model.training
+    model.eval()
+    try:
+        return _export(model, output_dir, pixel_values, dynamic_image_size, int8, opset, tolerance, source_dir)
+    finally:
+        model.train(was_training)  # the caller's model comes back in the mode it was given in
+
+
+def _export(
+    model: nn.Module,
+    output_dir: str | Path,
+    pixel_values: torch.Tensor,
+    dynamic_image_size: bool,
+    int8: bool,
+    opset: int | None,
+    tolerance: float,
+    source_dir: str | Path | None,
+) -> OnnxExportReport:
+    """:func:`export_onnx` past its argument checks, with ``model`` in eval mode."""
     device = next(model.parameters()).device
     if device.type != "cpu":
         raise ValueError(f"Export the model from the CPU (it is on {device}): model.cpu(), then export_onnx.")
@@ -316,8 +347,16 @@ def export_onnx(
     example = pixel_values[: min(2, len(pixel_values))]
     if dynamic_image_size:
         example = _off_size(example, model)
-    with torch.no_grad(), kept_forward_state(model):
-        graph(example)
+    try:
+        with torch.no_grad(), kept_forward_state(model):
+            graph(example)
+    except Exception as error:
+        if not dynamic_image_size:
+            raise
+        raise OnnxExportError(
+            f"{type(model).__name__} does not run at another size than its own ({tuple(example.shape[-2:])}): export "
+            f"without dynamic_image_size. ({type(error).__name__}: {error})"
+        ) from error
     names = list(graph.output_names)
     if not names:
         raise OnnxExportError(f"{type(model).__name__}'s output holds no tensor to export.")
@@ -326,8 +365,8 @@ def export_onnx(
     dynamic_axes = {"pixel_values": ["batch"]}
     if dynamic_image_size:
         patch = image_config_of(model.config).patch_size
-        patch = patch if isinstance(patch, int) else patch[0]
-        axes.update({2: torch.export.Dim("height", min=patch), 3: torch.export.Dim("width", min=patch)})
+        patch_h, patch_w = (patch, patch) if isinstance(patch, int) else patch
+        axes.update({2: torch.export.Dim("height", min=patch_h), 3: torch.export.Dim("width", min=patch_w)})
         dynamic_axes["pixel_values"] += ["height", "width"]
 
     output_dir = Path(output_dir)
@@ -363,6 +402,16 @@ def export_onnx(
             ) from error
         saved = _strip_debug_metadata(onnx_path)
         opset_used = next(o.version for o in saved.opset_import if o.domain in ("", "ai.onnx"))
+        dims = saved.graph.input[0].type.tensor_type.shape.dim
+        fixed = [
+            name for axis, name in zip(axes, dynamic_axes["pixel_values"], strict=True) if not dims[axis].dim_param
+        ]
+        if fixed:  # the exporter may specialize an axis to the traced size without an error
+            raise OnnxExportError(
+                f"The exported graph fixed the {', '.join(fixed)} of pixel_values to the traced size: "
+                f"{type(model).__name__}'s forward depends on it."
+                + (" Export without dynamic_image_size (one image size)." if dynamic_image_size else "")
+            )
         session = _session(onnx_path)
         with kept_forward_state(model):
             validation = [

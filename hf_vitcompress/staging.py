@@ -29,9 +29,13 @@ def staged_directory(output: str | os.PathLike) -> Iterator[Path]:
     try:
         yield staging
         staging.chmod(0o777 & ~_umask())
-        if output.exists():
-            shutil.rmtree(output)
+        previous = None
+        if output.exists():  # set aside first, removed once the new folder is in place: never neither
+            previous = Path(tempfile.mkdtemp(prefix=f".{output.name}-old-", dir=output.parent))
+            output.rename(previous / output.name)
         staging.rename(output)
+        if previous is not None:
+            shutil.rmtree(previous)
     finally:
         if staging.exists():
             shutil.rmtree(staging)

@@ -481,6 +481,8 @@ def test_export_writes_a_checked_onnx_graph_with_int8_and_the_card(tmp_path, cap
     args = ["compress", "--quiet", "--target-param-ratio", "0.5", "--whitening", "gram", "--rank-allocation", "global"]
     assert main([*args, "--compensation-rank", "0", "--calibration-samples", "64", "--output", str(small)]) == 0
     assert main(["card", "--quiet", "--model", str(small)]) == 0
+    record = ["evaluate", "--quiet", "--model", str(small), "--limit", "64", "--repeats", "1", "--record"]
+    assert main([*record, "--latency-batch-size", "4"]) == 0  # its report travels with the card that quotes it
     capsys.readouterr()
     export = ["export", "--quiet", "--model", str(small), "--format", "onnx", "--limit", "16"]
     assert main([*export, "--output", str(onnx_dir), "--int8"]) == 0
@@ -493,6 +495,7 @@ def test_export_writes_a_checked_onnx_graph_with_int8_and_the_card(tmp_path, cap
         "config.json",
         "README.md",
         "preprocessor_config.json",
+        "vitcompress_evaluation.json",
     }
     umask = os.umask(0)
     os.umask(umask)

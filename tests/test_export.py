@@ -88,7 +88,11 @@ def test_every_family_and_method_exports_and_onnxruntime_matches_pytorch(tmp_pat
     dense = build()
     config = (SWIN_METHODS if family.startswith("swin") else METHODS)[method]
     small = compress(dense, config, images(16, size, size), progress=False)
+    state = family_for(small).forward_state_of(small)  # Swin's layers clamp their window to the input they see
     report = export_onnx(small, tmp_path / "onnx", images(5, size, size))
+    assert family_for(small).forward_state_of(small) == state and not small.training
+    if family in ("siglip", "clip_two_towers"):  # the pooled embedding is what retrieval uses
+        assert report.outputs == ["last_hidden_state", "pooler_output"]
     assert report.max_rel_diff <= 1e-4
     assert [row["batch"] for row in report.validation] == [1, 5]  # the batch axis is dynamic
     assert report.outputs and (tmp_path / "onnx" / ONNX_FILE).is_file()
@@ -107,6 +111,10 @@ def test_the_exported_graph_is_checked_on_other_images_than_it_was_traced_on(tmp
         if isinstance(layer, LowRankLinear):
             layer.implementation = "fused"
     report = export_onnx(small, tmp_path, images(4))
+    import onnx
+
+    nodes = onnx.load(str(tmp_path / ONNX_FILE)).graph.node
+    assert nodes and not any(node.metadata_props or node.doc_string for node in nodes)  # debug metadata dropped
     assert report.outputs == ["feature_maps.0"] + [f"feature_maps.{i}" for i in range(1, len(report.outputs))]
     session = onnxruntime.InferenceSession(str(tmp_path / ONNX_FILE), providers=["CPUExecutionProvider"])
     fresh = torch.randn(7, 3, 16, 16, generator=torch.Generator().manual_seed(5))
@@ -133,6 +141,8 @@ def test_int8_is_written_smaller_and_close(tmp_path):
     int8_weights = [weights[i] for n in graph.node if n.op_type == "MatMulInteger" for i in n.input if i in weights]
     assert int8_weights and all(w.data_type == onnx.TensorProto.INT8 for w in int8_weights)
     assert all(row["max_rel_diff"] < 0.1 for row in report.int8_validation)  # an approximation, but a close one
+    for fp32, quantized in zip(report.validation, report.int8_validation, strict=True):  # measured on the int8 graph
+        assert quantized["max_rel_diff"] > 10 * fp32["max_rel_diff"]
 
 
 @pytest.mark.parametrize("family", ["dinov2", pytest.param("vit", marks=pytest.mark.slow)])
@@ -171,6 +181,42 @@ def test_a_graph_that_differs_from_pytorch_is_refused_and_the_earlier_export_is_
         export_onnx(small, out, images(4))
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing lost, nothing half-written
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_non_finite_outputs_and_onnxruntime_failures_are_export_errors(tmp_path, monkeypatch):
+    from hf_vitcompress import export
+
+    small = compress(tiny_vit(), METHODS["activation_aware"], images(), progress=False)
+    real_session = export._session
+
+    class NaNs:  # max() over differences would skip a NaN: it must not pass the check
+        def __init__(self, path):
+            self.session = real_session(path)
+
+        def run(self, names, feed):
+            return [out * float("nan") for out in self.session.run(names, feed)]
+
+    monkeypatch.setattr(export, "_session", NaNs)
+    with pytest.raises(OnnxExportError, match="non-finite"):
+        export_onnx(small, tmp_path / "nan", images(2))
+
+    class Broken(NaNs):
+        def run(self, names, feed):
+            raise Exception("INVALID_ARGUMENT: Got invalid dimensions")  # what onnxruntime raises: no RuntimeError
+
+    monkeypatch.setattr(export, "_session", Broken)
+    with pytest.raises(OnnxExportError, match="could not run the exported graph"):
+        export_onnx(small, tmp_path / "broken", images(2))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_size_the_graph_cannot_serve_is_refused(tmp_path):
+    """BEiT's relative position bias is built for its own grid: torch.export fixes height and width without an
+    error, and the export says so instead of writing a graph that takes one size."""
+    small = compress(tiny_beit(BeitForImageClassification), METHODS["activation_aware"], images(), progress=False)
+    with pytest.raises(OnnxExportError, match="export without dynamic_image_size|Export without dynamic_image_size"):
+        export_onnx(small, tmp_path / "beit", images(2), dynamic_image_size=True)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_bad_input_is_refused_with_what_to_do(tmp_path):
