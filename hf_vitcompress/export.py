@@ -422,7 +422,13 @@ def _export(
         if not worst <= tolerance:
             raise OnnxExportError(
                 f"The ONNX graph differs from PyTorch by {worst:.3g} (max |difference| / max |output|) on the validation "
-                f"images, above the tolerance {tolerance:g}; nothing was written. Report it with the model's config."
+                f"images, above the tolerance {tolerance:g}; nothing was written. "
+                + (
+                    "With dynamic_image_size the graph must serve every size, and this model's forward depends on the "
+                    "size it was traced at: export without it (one image size)."
+                    if dynamic_image_size
+                    else "Report it with the model's config."
+                )
             )
         report = OnnxExportReport(
             onnx_file=ONNX_FILE,
