@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .calibration.data import image_config_of
+from .calibration.data import patch_size_of, takes_interpolation
 from .evaluation import EVALUATION_FILE_NAME, image_forward, kept_forward_state
 from .staging import staged_directory
 
@@ -143,18 +143,11 @@ def _check_model(model: nn.Module) -> None:
         )
 
 
-def _accepts_interpolation(model: nn.Module) -> bool:
-    import inspect
-
-    forward = image_forward(model)
-    return "interpolate_pos_encoding" in inspect.signature(getattr(forward, "forward", forward)).parameters
-
-
-def _compare(session: Any, graph: ImageGraph, pixel_values: torch.Tensor, names: list[str]) -> dict[str, Any]:
-    """Run the ONNX session and PyTorch on the same images; the largest difference, absolute and relative to the
-    largest PyTorch value, over every output."""
-    with torch.no_grad():
-        reference = graph(pixel_values)
+def _compare(
+    session: Any, pixel_values: torch.Tensor, reference: tuple[torch.Tensor, ...], names: list[str]
+) -> dict[str, Any]:
+    """Run the ONNX session on the images PyTorch gave ``reference`` for; the largest difference, absolute and
+    relative to the largest PyTorch value, over every output."""
     try:
         got = session.run(names, {"pixel_values": pixel_values.numpy()})
     except Exception as error:  # onnxruntime's errors derive from Exception only
@@ -198,8 +191,7 @@ def _off_size(pixel_values: torch.Tensor, model: nn.Module) -> torch.Tensor:
     A dynamic-size graph is traced there: position-embedding interpolation is skipped at the model's own size by a
     branch on the shape, which ``torch.export`` would bake into the graph (fixing the size); traced elsewhere the
     graph always interpolates, which at the model's own size is the identity (bicubic at scale 1)."""
-    patch = image_config_of(model.config).patch_size
-    patch_h, patch_w = (patch, patch) if isinstance(patch, int) else patch
+    patch_h, patch_w = patch_size_of(model.config)
     height, width = pixel_values.shape[-2:]
     size = (height + patch_h, width + 2 * patch_w)
     return nn.functional.interpolate(pixel_values, size=size, mode="bilinear", align_corners=False)
@@ -343,7 +335,8 @@ def _export(
     device = next(model.parameters()).device
     if device.type != "cpu":
         raise ValueError(f"Export the model from the CPU (it is on {device}): model.cpu(), then export_onnx.")
-    graph = ImageGraph(model, interpolate_pos_encoding=dynamic_image_size and _accepts_interpolation(model)).eval()
+    graph = ImageGraph(model, interpolate_pos_encoding=dynamic_image_size and takes_interpolation(image_forward(model)))
+    graph.eval()
     example = pixel_values[: min(2, len(pixel_values))]
     if dynamic_image_size:
         example = _off_size(example, model)
@@ -364,8 +357,7 @@ def _export(
     axes = {0: batch}
     dynamic_axes = {"pixel_values": ["batch"]}
     if dynamic_image_size:
-        patch = image_config_of(model.config).patch_size
-        patch_h, patch_w = (patch, patch) if isinstance(patch, int) else patch
+        patch_h, patch_w = patch_size_of(model.config)
         axes.update({2: torch.export.Dim("height", min=patch_h), 3: torch.export.Dim("width", min=patch_w)})
         dynamic_axes["pixel_values"] += ["height", "width"]
 
@@ -412,12 +404,13 @@ def _export(
                 f"{type(model).__name__}'s forward depends on it."
                 + (" Export without dynamic_image_size (one image size)." if dynamic_image_size else "")
             )
+        batches = _validation_batches(pixel_values, dynamic_image_size, model)
+        with torch.no_grad(), kept_forward_state(model):  # PyTorch's outputs, once for the fp32 and the int8 graph
+            references = [graph(images) for images in batches]
         session = _session(onnx_path)
-        with kept_forward_state(model):
-            validation = [
-                _compare(session, graph, images, names)
-                for images in _validation_batches(pixel_values, dynamic_image_size, model)
-            ]
+        validation = [
+            _compare(session, images, reference, names) for images, reference in zip(batches, references, strict=True)
+        ]
         worst = max(row["max_rel_diff"] for row in validation)
         if not worst <= tolerance:
             raise OnnxExportError(
@@ -445,11 +438,10 @@ def _export(
         if int8:
             quantize_int8(onnx_path, staging / INT8_FILE)
             int8_session = _session(staging / INT8_FILE)
-            with kept_forward_state(model):
-                report.int8_validation = [
-                    _compare(int8_session, graph, images, names)
-                    for images in _validation_batches(pixel_values, dynamic_image_size, model)
-                ]
+            report.int8_validation = [
+                _compare(int8_session, images, reference, names)
+                for images, reference in zip(batches, references, strict=True)
+            ]
             report.int8_file = INT8_FILE
         model.config.to_json_file(str(staging / "config.json"))
         if source_dir is not None:

@@ -137,6 +137,12 @@ def forward_needs_interpolation(model: nn.Module, pixel_values: torch.Tensor) ->
     return tuple(pixel_values.shape[-2:]) != image_size_of(model.config)
 
 
+def takes_interpolation(forward: Any) -> bool:
+    """Whether ``forward`` (a model, its ``forward``, or a method such as ``get_image_features``) takes
+    ``interpolate_pos_encoding``: ViT-like models then serve other sizes than their own when asked."""
+    return "interpolate_pos_encoding" in inspect.signature(getattr(forward, "forward", forward)).parameters
+
+
 @contextmanager
 def interpolated_positions(model: nn.Module) -> Iterator[nn.Module]:
     """While active, every forward of ``model`` on images of another size than ``config.image_size`` gets
@@ -148,8 +154,7 @@ def interpolated_positions(model: nn.Module) -> Iterator[nn.Module]:
     Removed on exit, so a model handed back to the user never keeps it.
     """
     config = getattr(model, "config", None)
-    accepts = "interpolate_pos_encoding" in inspect.signature(model.forward).parameters
-    if config is None or not hasattr(config, "image_size") or not accepts:
+    if config is None or not hasattr(config, "image_size") or not takes_interpolation(model.forward):
         yield model
         return
 
