@@ -231,6 +231,29 @@ def _quiet_exporter() -> Iterator[None]:
         logger.setLevel(level)
 
 
+@contextmanager
+def _eager_attention(model: nn.Module) -> Iterator[None]:
+    """Trace attention as transformers' eager path (two matmuls around a softmax), not ``sdpa``.
+
+    ``torch.onnx`` decomposes ``scaled_dot_product_attention`` into the same matmuls plus an ``IsNaN`` / ``Where``
+    guard over every attention map (for rows a mask empties, which an image model never has): measured on
+    DINOv2-S at 224 px, batch 32, that guard was 8 % of the dense graph's onnxruntime time, and the eager graph
+    15 % faster, dense and compressed alike. Every config the model's modules read (a two-tower model has
+    several) is set back as it was, also on failure; the PyTorch references stay the caller's own path."""
+    from transformers import PretrainedConfig
+
+    configs = {id(c): c for m in model.modules() if isinstance(c := getattr(m, "config", None), PretrainedConfig)}
+    kept = {key: getattr(config, "_attn_implementation_internal", None) for key, config in configs.items()}
+    try:
+        for config in configs.values():
+            if kept[id(config)] == "sdpa":
+                config._attn_implementation_internal = "eager"
+        yield
+    finally:
+        for key, config in configs.items():
+            config._attn_implementation_internal = kept[key]
+
+
 def _strip_debug_metadata(path: Path) -> Any:
     """Drop what the dynamo exporter records on every node for debugging (the PyTorch stack trace, module path,
     FX node name: 0.5 MB of the embedded default's 5.4 MB graph), which no runtime reads; the graph, its
@@ -366,7 +389,7 @@ def _export(
     with staged_directory(output_dir) as staging:
         onnx_path = staging / ONNX_FILE
         try:
-            with torch.no_grad(), kept_forward_state(model), _quiet_exporter():
+            with torch.no_grad(), kept_forward_state(model), _quiet_exporter(), _eager_attention(model):
                 program = torch.onnx.export(
                     graph,
                     (example,),

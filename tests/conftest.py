@@ -32,7 +32,10 @@ from transformers.utils import logging as hf_logging  # noqa: E402
 
 hf_logging.set_verbosity_error()
 hf_logging.disable_progress_bar()
-torch.set_num_threads(2)
+# Under pytest-xdist (the README's test command runs `-n 2`) each worker gets its share of the cores: two
+# workers of two threads each on a 2-core machine oversubscribe it.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, (os.cpu_count() or 2) // _WORKERS)))
 
 TINY = dict(
     image_size=16,

@@ -14,6 +14,10 @@ from hf_vitcompress.calibration.distributed import CalibrationProcessError, Cali
 
 from .conftest import tiny_vit
 
+# debug_launcher's gloo rendezvous always binds port 29500: under pytest-xdist (`--dist loadgroup`) these tests
+# run in one worker, one at a time
+pytestmark = pytest.mark.xdist_group("accelerate_port_29500")
+
 CONFIGS = {
     # one statistics pass, then a block-by-block fit to the dense outputs on the compressed activations,
     # judged on the held-out images (the judgement, too, must be the same on every process count)
