@@ -153,12 +153,23 @@ def _global_hooks() -> bool:
 class SkippedBlock(nn.Module):
     """What a pruned-away encoder block becomes: the residual stream passes through unchanged.
 
-    Takes whatever a transformer block takes (``hidden_states`` first) and returns ``hidden_states``;
-    it has no weights, so the checkpoint simply holds none for that block.
+    Takes whatever a transformer block takes (``hidden_states`` first) and returns ``hidden_states``, or, for a
+    family whose blocks return more (``extra_outputs``: Swin's layers return their attention weights too, which
+    the stage unpacks), ``(hidden_states, None, ...)``: a skipped block computes no attention. It has no weights,
+    so the checkpoint simply holds none for that block.
     """
 
-    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    def __init__(self, extra_outputs: int = 0) -> None:
+        super().__init__()
+        self.extra_outputs = extra_outputs
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor | tuple[torch.Tensor | None, ...]:
+        if self.extra_outputs:
+            return (hidden_states, *([None] * self.extra_outputs))
         return hidden_states
+
+    def extra_repr(self) -> str:
+        return f"extra_outputs={self.extra_outputs}" if self.extra_outputs else ""
 
 
 def low_rank_parameter_count(in_features: int, out_features: int, rank: int, bias: bool) -> int:

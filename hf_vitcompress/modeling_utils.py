@@ -243,33 +243,36 @@ def install_output_recorders(model: nn.Module) -> None:
     Also registers compressed classes that were never constructed (``compress()`` changes ``__class__``)
     in the per-class registry transformers reads, as ``PreTrainedModel.__init__`` would have.
     """
-    containers = None  # found once, and only when a head-factorized attention is not handled yet
+    containers: dict[str, list[str]] = {}  # per output, found once, and only when a module needs a hook
     for name, module in model.named_modules():
         if isinstance(module, PreTrainedModel) and not output_capturing._CAN_RECORD_REGISTRY.get(module):
             output_capturing._CAN_RECORD_REGISTRY[module] = module._can_record_outputs
         if getattr(module, "_vitcompress_records_outputs", False):
             continue
         if isinstance(module, HeadFactorizedAttention):
-            containers = _attention_recording_containers(model) if containers is None else containers
-            # a module around it (Swin's stage) records the attention weights it returns: then nothing to add
-            if not any(name.startswith(f"{container}.") for container in containers):
-                _install_output_hook(module, "attentions", 1)
+            output, index = "attentions", 1
         elif isinstance(module, SkippedBlock):
-            _install_output_hook(module, "hidden_states", 0)
+            output, index = "hidden_states", 0
         else:
             continue
+        if output not in containers:
+            containers[output] = _recording_containers(model, output)
+        # a module around it (Swin's stage) records what it returns (the attention weights, the hidden states of
+        # the stage): then nothing to add
+        if not any(name.startswith(f"{container}.") for container in containers[output]):
+            _install_output_hook(module, output, index)
         module._vitcompress_records_outputs = True
 
 
-def _attention_recording_containers(model: nn.Module) -> list[str]:
-    """Names of the modules of ``model`` that transformers records ``attentions`` from. Usually those are the
-    attentions themselves (``ViTAttention``), which a head-factorized attention replaces; Swin records each stage's
-    last attention weights from the ``SwinStage`` output, and a head-factorized attention inside one must not
-    record as well."""
+def _recording_containers(model: nn.Module, output: str) -> list[str]:
+    """Names of the modules of ``model`` that transformers records ``output`` (``attentions``, ``hidden_states``)
+    from. Usually those are the modules compression replaces (``ViTAttention``, ``ViTLayer``); Swin records each
+    stage's last attention weights and its hidden states from the ``SwinStage`` output, and a head-factorized
+    attention or a skipped block inside one must not record as well."""
     classes = set()
     for module in model.modules():
         if isinstance(module, PreTrainedModel):
-            recorder = (getattr(module, "_can_record_outputs", None) or {}).get("attentions")
+            recorder = (getattr(module, "_can_record_outputs", None) or {}).get(output)
             target = getattr(recorder, "target_class", recorder)
             if isinstance(target, type):
                 classes.add(target)

@@ -290,7 +290,9 @@ def apply_plan_structure(model: nn.Module, plan: CompressionPlan) -> None:
             set_submodule(model, name, _head_factorized_for(name, current, layer))
             continue
         if layer.kind == "skipped_block":
-            set_submodule(model, name, SkippedBlock())
+            from .families import family_for  # families build on this module
+
+            set_submodule(model, name, SkippedBlock(family_for(model).block_extra_outputs))
             continue
         if layer.kind == "shared_input":
             set_submodule(model, name, _shared_input_for(name, current, layer))

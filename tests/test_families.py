@@ -415,7 +415,7 @@ def test_the_pruning_trainer_searches_a_tower_and_a_swiglu_mlp_on_features(tmp_p
     pixels = images(32, 32, 32) if kind == "swin" else images(32)
     features_only = [{"pixel_values": p} for p in pixels]  # no labels: distilled on features alone (alpha=1)
     trainer = run_trainer(
-        tmp_path, pixels, skip_blocks=False, build=build, train_dataset=features_only, save_strategy="no", alpha=1.0
+        tmp_path, pixels, skip_blocks=True, build=build, train_dataset=features_only, save_strategy="no", alpha=1.0
     )
     pruned = trainer.export()
     assert count_macs(pruned, pixels[:1]) <= int(0.5 * trainer.structure.dense_macs)
@@ -587,7 +587,7 @@ def tiny_swin(cls: type) -> torch.nn.Module:
 
 
 SWIN_CASES = [(cls, method) for cls in SWIN for method in METHODS] + [(cls, "activation_aware") for cls in SWINV2]
-SWIN_METHODS = {**METHODS, "pruning": dataclasses.replace(METHODS["pruning"], skip_blocks=False)}  # see below
+SWIN_METHODS = METHODS  # Swin takes every method as ViT does (skip_blocks included)
 
 
 @pytest.mark.parametrize(("dense_class", "method"), SWIN_CASES, ids=lambda case: getattr(case, "__name__", case))
@@ -702,7 +702,8 @@ def test_the_search_costs_every_swin_block_at_its_own_shape_and_measuring_leaves
     structure = PrunableModel.of(dense)
     assert family.forward_state_of(dense) == windows
     assert len({(b.hidden, b.tokens) for b in structure.blocks}) == 2  # two stages, two shapes
-    controller = UVCController(structure, SWIN_METHODS["pruning"], int(0.5 * structure.dense_macs))
+    no_gates = dataclasses.replace(SWIN_METHODS["pruning"], skip_blocks=False)  # the block gates start at 0.95
+    controller = UVCController(structure, no_gates, int(0.5 * structure.dense_macs))
     assert int(controller.expected_macs()) == structure.dense_macs
 
 
@@ -726,10 +727,56 @@ def test_the_head_mixing_statistics_of_a_shifted_swin_block_use_its_bias_and_win
     torch.testing.assert_close(statistics[name].grams, expected, rtol=1e-4, atol=1e-6)
 
 
+def test_a_swin_skips_blocks_and_whole_stages_exactly(tmp_path):
+    """A skipped Swin block returns (hidden_states, None) as a SwinLayer returns (hidden_states, weights): the
+    result equals the dense model whose skipped blocks add nothing (their output projection and fc2 zeroed),
+    records one hidden state per stage as the dense one (no extra one per skipped block), and reloads; a stage
+    of skipped blocks still merges its patches."""
+    from hf_vitcompress.methods.pruning.export import export_pruned
+    from hf_vitcompress.methods.pruning.search import UVCController
+
+    dense = tiny_swin(SwinForImageClassification)
+    dense.set_attn_implementation("eager")
+    structure = PrunableModel.of(dense)
+    state = structure.full_state()
+    skipped = ["layers.0.blocks.0", "layers.1.blocks.0", "layers.1.blocks.1"]  # before a shifted one, a stage
+    for block, name in zip(state, structure.block_names, strict=True):
+        block.skipped = name.split("encoder.", 1)[1] in skipped
+    config = dataclasses.replace(METHODS["pruning"], target_flops_ratio=0.9)
+    controller = UVCController(structure, config, structure.dense_macs)  # the search's gates close the same blocks
+    controller.attach(dense)
+    controller.set_final_state(state)
+    with torch.no_grad():
+        gated = dense(pixel_values=images(3, 32, 32)).logits
+    controller.detach()
+    small = export_pruned(dense, structure, state, config)
+    reference = copy.deepcopy(dense)
+    for name in skipped:
+        block = reference.swin.encoder.get_submodule(name)
+        for linear in (block.attention.o_proj, block.mlp.fc2):
+            torch.nn.init.zeros_(linear.weight)
+            torch.nn.init.zeros_(linear.bias)
+    pixels = images(3, 32, 32)
+    with torch.no_grad():
+        got, want = (
+            m(pixel_values=pixels, output_attentions=True, output_hidden_states=True) for m in (small, reference)
+        )
+    torch.testing.assert_close(got.logits, want.logits, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gated, want.logits, rtol=1e-5, atol=1e-6)
+    assert len(got.hidden_states) == len(want.hidden_states) == 3
+    for recorded, truth in zip(got.hidden_states, want.hidden_states, strict=True):
+        torch.testing.assert_close(recorded, truth, rtol=1e-5, atol=1e-6)
+    # a stage records its last block's attention: stage 1's is skipped and has none (as a skipped ViT block)
+    assert len(got.attentions) == 1 and len(want.attentions) == 2
+    torch.testing.assert_close(got.attentions[0], want.attentions[0], rtol=1e-5, atol=1e-6)
+    loaded = reload(small, tmp_path)
+    loaded.set_attn_implementation("eager")  # as small's, copied from the dense model
+    assert torch.equal(features(loaded, images(2, 40, 48)), features(small, images(2, 40, 48)))
+    assert "SkippedBlock(extra_outputs=1)" in repr(loaded.swin.encoder.layers[1].blocks[0])
+
+
 def test_swin_refuses_what_does_not_apply_and_says_what_works():
     swin, swinv2 = tiny_swin(SwinModel), tiny_swin(Swinv2Model)
-    with pytest.raises(ValueError, match="skip_blocks=True would replace whole blocks.*skip_blocks=False"):
-        compress(swin, METHODS["pruning"], images(16, 32, 32), progress=False)
     with pytest.raises(ValueError, match="method='head_factorization' does not handle Swinv2Model"):
         compress(swinv2, METHODS["head_factorization"], images(16, 32, 32), progress=False)
     for block_by_block in (dict(sequential=True), dict(compensation_rank=2, shared_qkv=False)):

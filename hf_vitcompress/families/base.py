@@ -44,9 +44,9 @@ class FamilyAdapter:
     # Attributes the family's own forward overwrites (Swin's layers clamp shift_size / window_size to the first
     # small input they see, and keep the clamp): compress() and count_macs() put them back after their forwards.
     forward_state: tuple[str, ...] = ()
-    # Whether pruning may skip whole blocks: a SkippedBlock returns its input tensor, as a ViT block returns the
-    # residual stream; Swin's layers return (hidden_states, attention weights), which their stage unpacks.
-    skippable_blocks: bool = True
+    # What a block returns beside the residual stream, which a SkippedBlock must return too (as Nones): a ViT
+    # block returns the hidden states only (0); Swin's layers return (hidden_states, attention weights) (1).
+    block_extra_outputs: int = 0
     # A two-tower model (CLIPModel, SiglipModel) compresses its image tower only: ``image_tower(model)`` is a
     # model of a tower family made of the full model's own modules, ``image_tower_parts`` maps each full-model
     # child it holds to where the tower holds it ("" for the tower itself). See compress.compress_image_tower.

@@ -9,8 +9,9 @@ All three methods handle it. The attention owns its per-head relative position b
 (``attention.relative_position_bias``): a head-factorized or pruned attention keeps that module, under the same
 checkpoint name, and adds the kept heads' rows to the scores with the shifted-window mask, as the dense one does.
 Pruning's FLOPs model counts each block at its own width and token count, and its attention per window (both
-measured, ``PrunableModel.of``); whole blocks cannot be skipped (a ``SwinLayer`` returns its attention weights too,
-which the stage unpacks), so ``skip_blocks=True`` is refused.
+measured, ``PrunableModel.of``); a skipped block returns ``(hidden_states, None)``, as a ``SwinLayer`` returns its
+attention weights beside its output (``block_extra_outputs``), and a stage whose blocks are all skipped still
+merges its patches.
 transformers' ``SwinLayer`` clamps its ``shift_size`` and ``window_size`` to the first input grid no larger than a
 window and keeps them (a dense model run once at such a size computes differently at larger sizes afterwards):
 ``compress`` restores them, on the model it was given and on the result, to what they were before its forwards.
@@ -19,8 +20,7 @@ inputs with ``window_size=7``: its bias table is built for the full window; comp
 Not handled:
 
 - block-by-block calibration (``sequential``, ``compensation_rank``): the stages are not one chain of blocks
-  (the patch merging changes width and token count), so ``compress`` refuses them for this family;
-- skipping whole blocks in pruning (above).
+  (the patch merging changes width and token count), so ``compress`` refuses them for this family.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ SWIN_FAMILY = build_family(
     block_path="encoder.layers.*.blocks",
     extra_linear_paths=("encoder.layers.*.downsample.reduction",),
     forward_state=("shift_size", "window_size"),
-    skippable_blocks=False,
+    block_extra_outputs=1,  # a SwinLayer returns (hidden_states, attention weights)
 )
 CompressedSwinModel, CompressedSwinForImageClassification, CompressedSwinBackbone = (
     SWIN_FAMILY.compressed_classes.values()

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from ...attention import HeadFactorizedAttention, attention_heads, attention_projection_names, head_factorized_like
+from ...families import family_for
 from ...layers import SkippedBlock
 from ...plan import CompressionPlan, LayerPlan, count_parameters, set_submodule
 from .structure import BlockPruning, PrunableModel, block_attention, mlp_layout
@@ -88,10 +89,11 @@ def _sliced(linear: nn.Linear, rows: torch.Tensor | None, columns: torch.Tensor 
 def apply_pruning(model: nn.Module, structure: PrunableModel, state: list[BlockPruning]) -> dict[str, LayerPlan]:
     """Slice ``model`` in place as ``state`` says; return the plan entries of what changed."""
     structure.check_state(state)
+    extra_outputs = family_for(model).block_extra_outputs
     layers: dict[str, LayerPlan] = {}
     for name, shape, block in zip(structure.block_names, structure.blocks, state, strict=True):
         if block.skipped:
-            set_submodule(model, name, SkippedBlock())
+            set_submodule(model, name, SkippedBlock(extra_outputs))
             layers[name] = LayerPlan("skipped_block", shape.hidden, shape.hidden, False)
             continue
         attribute, attention = block_attention(model.get_submodule(name))

@@ -112,11 +112,14 @@ class UVCController(CompressionController):
         return hook
 
     def _gate_hook(self, b: int):
-        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor | tuple) -> torch.Tensor | tuple | None:
             if self.stage == "warmup":
                 return None
-            gate = self.gate(b, module.training).to(device=output.device, dtype=output.dtype)
-            return args[0] + gate * (output - args[0])
+            # a Swin layer returns (hidden_states, attention weights): the gate is on the residual stream only
+            hidden = output[0] if isinstance(output, tuple) else output
+            gate = self.gate(b, module.training).to(device=hidden.device, dtype=hidden.dtype)
+            gated = args[0] + gate * (hidden - args[0])
+            return (gated, *output[1:]) if isinstance(output, tuple) else gated
 
         return hook
 

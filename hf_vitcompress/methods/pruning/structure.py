@@ -126,7 +126,6 @@ class PrunableModel:
     blocks: list[BlockShape]
     fixed_macs: int
     mlp_inputs: int = 1  # linears a neuron is a row of: 1 (fc1), 2 (SwiGLU's gate_proj and up_proj)
-    skippable_blocks: bool = True  # the family's (FamilyAdapter.skippable_blocks)
     dense_macs: int = field(init=False)
 
     def __post_init__(self) -> None:
@@ -175,7 +174,7 @@ class PrunableModel:
         mlp_inputs = len(next(iter(layouts))[0])
         partial = cls([], [], 0, mlp_inputs)
         fixed = total - sum(partial.block_macs(shape) for shape in shapes)
-        return cls(names, shapes, fixed, mlp_inputs, family.skippable_blocks)
+        return cls(names, shapes, fixed, mlp_inputs)
 
     def stacked(self) -> BlockShape:
         """Every block's shape as one :class:`BlockShape` of float tensors (for costs of all blocks at once)."""
@@ -240,12 +239,6 @@ class PrunableModel:
 
     def check_budget(self, ratio: float, skip_blocks: bool) -> int:
         """The MAC budget for ``ratio``, or a :class:`PruningError` naming the smallest reachable ratio."""
-        if skip_blocks and not self.skippable_blocks:
-            raise PruningError(
-                "skip_blocks=True would replace whole blocks by their input, but this model's blocks return more than "
-                "the residual stream (Swin's layers return their attention weights too, which their stage unpacks): "
-                "prune heads, value dims and neurons only (skip_blocks=False)."
-            )
         budget = int(ratio * self.dense_macs)
         floor = self.minimum_macs(skip_blocks)
         if budget < floor:
